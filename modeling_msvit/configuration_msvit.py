@@ -1,0 +1,178 @@
+# Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
+"""MSViT model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
+TOKEN_PATHS = ("masked", "gathered")
+GATE_LOSSES = ("ratio",)
+
+# Written into every saved `config.json` so that a plain `save_pretrained` folder loads with
+# `trust_remote_code=True` through any of the Auto classes.
+AUTO_MAP = {
+    "AutoConfig": "configuration_msvit.MSViTConfig",
+    "AutoModel": "modeling_msvit.MSViTModel",
+    "AutoModelForImageClassification": "modeling_msvit.MSViTForImageClassification",
+}
+
+
+def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@strict
+class MSViTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an MSViT (Dynamic Mixed-Scale Tokenization, Havtorn et al., ICCVW 2023) model.
+
+    The ViT fields mean what they mean in [`ViTConfig`]. MSViT adds a second, coarse patch size: a gate reads every
+    coarse region and either keeps it as one coarse token or splits it into its `(coarse_patch_size // patch_size)**2`
+    fine tokens. Throughout this repository the gate outputs the probability that a region is **split** (`split_prob`),
+    and the *fine ratio* is the fraction of coarse regions that are split.
+
+    Args:
+        patch_size (`int`, *optional*, defaults to 16):
+            The fine patch size, shared with a ViT/16 backbone.
+        coarse_patch_size (`int`, *optional*, defaults to 32):
+            The coarse patch size; a multiple of `patch_size`. Coarse regions are area-downscaled to `patch_size` and
+            embedded with the same patch embedding as fine patches (unless `separate_coarse_embedding`).
+        separate_coarse_embedding (`bool`, *optional*, defaults to `False`):
+            Ablation: embed coarse patches with their own projection instead of the shared one.
+        gate_input (`str`, *optional*, defaults to `"downscaled_pixels"`):
+            What the gate reads for each coarse region: `"downscaled_pixels"` (the region area-downscaled to
+            `patch_size`), `"pixels"` (the region at full resolution) or `"coarse_embedding"` (the coarse token's patch
+            embedding, without position).
+        gate_hidden_size (`int`, *optional*, defaults to 64):
+            Width of the gate MLP.
+        gate_num_layers (`int`, *optional*, defaults to 4):
+            Number of linear layers in the gate MLP (the paper's gate is a 4-layer MLP).
+        gate_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature of the Gumbel-sigmoid relaxation used in training.
+        gate_threshold (`float`, *optional*, defaults to 0.5):
+            At inference a region is split when its split probability exceeds this threshold.
+        fine_ratio_budget (`float`, *optional*):
+            If set, inference ignores `gate_threshold` and splits exactly `round(fine_ratio_budget * num_coarse)`
+            regions per image (the ones with the highest gate logits), so that every image has the same token count.
+        train_token_path (`str`, *optional*, defaults to `"masked"`):
+            Execution path in training: `"masked"` (all candidate tokens, inactive ones masked out of attention) or
+            `"gathered"` (only active tokens, padded per batch). Inference always uses the gathered path.
+        gate_loss_type (`str`, *optional*, defaults to `"ratio"`):
+            The compute-budget loss on the gate: `"ratio"` is `(mean soft split value - target_fine_ratio) ** 2`.
+        target_fine_ratio (`float`, *optional*, defaults to 0.5):
+            The fraction of coarse regions the gate loss steers towards splitting.
+        gate_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the gate loss in the total loss returned with `labels`.
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label ignored by the semantic segmentation loss.
+
+    Example:
+
+    ```python
+    >>> from modeling_msvit import MSViTConfig, MSViTForImageClassification
+
+    >>> config = MSViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768)
+    >>> model = MSViTForImageClassification(config)
+    ```"""
+
+    model_type = "msvit"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int = 16
+    coarse_patch_size: int = 32
+    num_channels: int = 3
+    qkv_bias: bool = True
+    separate_coarse_embedding: bool = False
+    gate_input: str = "downscaled_pixels"
+    gate_hidden_size: int = 64
+    gate_num_layers: int = 4
+    gate_temperature: float | int = 1.0
+    gate_threshold: float = 0.5
+    fine_ratio_budget: float | int | None = None
+    train_token_path: str = "masked"
+    gate_loss_type: str = "ratio"
+    target_fine_ratio: float | int = 0.5
+    gate_loss_weight: float | int = 1.0
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__post_init__(**kwargs)
+        self.validate_msvit()
+
+    @property
+    def scale_ratio(self) -> int:
+        """Fine patches per coarse patch side (`r`); a coarse region has `r**2` fine children."""
+        return self.coarse_patch_size // self.patch_size
+
+    @property
+    def coarse_grid_size(self) -> tuple[int, int]:
+        height, width = _as_pair(self.image_size)
+        return height // self.coarse_patch_size, width // self.coarse_patch_size
+
+    @property
+    def fine_grid_size(self) -> tuple[int, int]:
+        height, width = _as_pair(self.image_size)
+        return height // self.patch_size, width // self.patch_size
+
+    def validate_msvit(self):
+        """Raise a `ValueError` that names the field and the fix for every inconsistent setting."""
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "coarse_patch_size",
+            "num_channels",
+            "gate_hidden_size",
+            "gate_num_layers",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.coarse_patch_size % self.patch_size != 0 or self.coarse_patch_size == self.patch_size:
+            raise ValueError(
+                f"`coarse_patch_size` ({self.coarse_patch_size}) must be a multiple of `patch_size` ({self.patch_size}) "
+                f"and larger than it, e.g. coarse_patch_size={2 * self.patch_size}."
+            )
+        image_size = _as_pair(self.image_size)
+        if len(image_size) != 2 or any(side % self.coarse_patch_size != 0 or side < 1 for side in image_size):
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be a positive multiple of `coarse_patch_size` "
+                f"({self.coarse_patch_size}) on both sides, so that coarse regions tile the image exactly."
+            )
+        if not 0.0 < self.gate_threshold < 1.0:
+            raise ValueError(f"`gate_threshold` must lie in (0, 1), got {self.gate_threshold}.")
+        if self.fine_ratio_budget is not None and not 0.0 <= self.fine_ratio_budget <= 1.0:
+            raise ValueError(f"`fine_ratio_budget` must be None or lie in [0, 1], got {self.fine_ratio_budget}.")
+        if not 0.0 <= self.target_fine_ratio <= 1.0:
+            raise ValueError(f"`target_fine_ratio` must lie in [0, 1], got {self.target_fine_ratio}.")
+        if self.gate_temperature <= 0:
+            raise ValueError(f"`gate_temperature` must be positive, got {self.gate_temperature}.")
+        if self.gate_loss_weight < 0:
+            raise ValueError(f"`gate_loss_weight` must be non-negative, got {self.gate_loss_weight}.")
+        for name, value, allowed in (
+            ("gate_input", self.gate_input, GATE_INPUTS),
+            ("train_token_path", self.train_token_path, TOKEN_PATHS),
+            ("gate_loss_type", self.gate_loss_type, GATE_LOSSES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+__all__ = ["MSViTConfig"]

@@ -1,0 +1,144 @@
+# Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
+"""Pure tensor functions that turn gate decisions into MSViT's mixed-scale token sequences.
+
+Notation: `B` images, a coarse grid of `Hc x Wc = Nc` regions in raster order, `r` fine patches per coarse side,
+`Nf = Nc * r**2` fine patches, `P = channels * patch_size**2` values per (downscaled) patch.
+
+Two token layouts are used, both without the CLS token:
+
+* **candidate layout** (`Nc + Nf` tokens): every coarse region first (raster order), then the fine patches *grouped by
+  their coarse parent*: the `r**2` children of region 0 in raster order, then those of region 1, and so on. Candidate
+  `j < Nc` is coarse region `j`; candidate `Nc + j * r**2 + k` is child `k` of region `j`.
+* **gathered layout** (one sequence per image, padded to the longest image of the batch): regions in raster order,
+  each contributing its coarse token if kept or its `r**2` fine children if split. Positions past an image's length
+  are padding, flagged in the returned validity mask.
+
+The model never depends on the order of tokens (attention is permutation-equivariant and positions are encoded by
+position embeddings); the orders are fixed so that outputs can be mapped back to the image grid.
+"""
+
+import torch
+from torch.nn import functional as F
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut `(B, C, H, W)` images into raster-ordered patches `(B, (H/p)*(W/p), C*p*p)`.
+
+    Each patch is flattened in `(channel, row, column)` order, the order of a `Conv2d(kernel=p, stride=p)` weight, so
+    that `patches @ conv.weight.flatten(1).T + conv.bias` equals the convolution.
+    """
+    batch_size, channels, height, width = pixel_values.shape
+    patches = pixel_values.reshape(
+        batch_size, channels, height // patch_size, patch_size, width // patch_size, patch_size
+    )
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, -1, channels * patch_size * patch_size)
+
+
+def fine_patches_by_parent(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
+    """Fine patches `(B, Nc * r**2, C*p*p)` in candidate order: grouped by coarse parent, raster order inside."""
+    batch_size, channels, height, width = pixel_values.shape
+    coarse_h, coarse_w = height // (patch_size * ratio), width // (patch_size * ratio)
+    patches = pixel_values.reshape(batch_size, channels, coarse_h, ratio, patch_size, coarse_w, ratio, patch_size)
+    # (B, Hc, Wc, r, r, C, p, p): parent cell, then child row/column, then the patch itself
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)
+    return patches.reshape(batch_size, -1, channels * patch_size * patch_size)
+
+
+def downscaled_coarse_patches(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
+    """Coarse regions area-downscaled by `r` to `patch_size`: `(B, Nc, C*p*p)`, raster order."""
+    return patchify(F.avg_pool2d(pixel_values, ratio), patch_size)
+
+
+def group_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Reorder a fine grid of vectors `(..., Hf, Wf, D)` into candidate order `(..., Nf, D)` (grouped by parent)."""
+    *lead, fine_h, fine_w, dim = fine_grid.shape
+    grid = fine_grid.reshape(*lead, fine_h // ratio, ratio, fine_w // ratio, ratio, dim)
+    grid = grid.transpose(-3, -4)  # (..., Hc, Wc, r, r, D)
+    return grid.reshape(*lead, -1, dim)
+
+
+def pool_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Average each `r x r` block of a fine grid `(..., Hf, Wf, D)` into coarse vectors `(..., Nc, D)`, raster order.
+
+    For position embeddings this is the linear interpolation at the coarse cell centres when `r = 2`.
+    """
+    *lead, fine_h, fine_w, dim = fine_grid.shape
+    grid = fine_grid.reshape(*lead, fine_h // ratio, ratio, fine_w // ratio, ratio, dim)
+    return grid.mean(dim=(-4, -2)).reshape(*lead, -1, dim)
+
+
+def token_counts(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Tokens per image including CLS, `1 + Nc + (r**2 - 1) * #split`, from a `(B, Nc)` boolean split mask."""
+    num_coarse = split_mask.shape[-1]
+    return 1 + num_coarse + (ratio * ratio - 1) * split_mask.sum(-1)
+
+
+def candidate_active_mask(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Which candidate tokens are active, `(B, Nc + Nf)` bool: kept regions' coarse tokens and split regions' children."""
+    return torch.cat([~split_mask, split_mask.repeat_interleave(ratio * ratio, dim=-1)], dim=-1)
+
+
+def candidate_mask_values(split_values: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Per-candidate multipliers `(B, Nc + Nf)` from per-region split values `(B, Nc)`: `1 - m` coarse, `m` fine.
+
+    With straight-through values `m` (exactly 0/1 forward, soft gradient) this is 1 on active tokens and routes the
+    task gradient of every active token to the gate.
+    """
+    return torch.cat([1 - split_values, split_values.repeat_interleave(ratio * ratio, dim=-1)], dim=-1)
+
+
+def gathered_token_index(
+    split_mask: torch.Tensor, ratio: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate indices of each image's active tokens in gathered order, padded to a common length.
+
+    Args:
+        split_mask: `(B, Nc)` bool, True where a region is split.
+        ratio: `r`, fine patches per coarse side.
+        length: the padded length; `None` uses the longest image of the batch (one host synchronisation). Pass it when
+            it is known statically (fixed-budget mode) to keep the computation free of data-dependent shapes.
+
+    Returns:
+        `index` `(B, L)` long into the candidate layout, and `valid` `(B, L)` bool, False on padding. Padding positions
+        hold indices of inactive candidates, so gathering with `index` never reads out of range.
+    """
+    batch_size, num_coarse = split_mask.shape
+    children = ratio * ratio
+    device = split_mask.device
+    cells = torch.arange(num_coarse, device=device)
+    # per region, one slot for its coarse token followed by one per child: (Nc, 1 + r**2)
+    slot_index = torch.cat(
+        [cells[:, None], num_coarse + cells[:, None] * children + torch.arange(children, device=device)], dim=1
+    ).flatten()
+    slot_active = torch.cat([~split_mask[..., None], split_mask[..., None].expand(-1, -1, children)], dim=-1)
+    slot_active = slot_active.flatten(1)
+    # a stable sort moves active slots to the front and keeps their (region, child) order
+    order = torch.sort((~slot_active).to(torch.uint8), dim=1, stable=True).indices
+    counts = slot_active.sum(1)
+    if length is None:
+        length = int(counts.max())
+    index = slot_index[order[:, :length]]
+    valid = torch.arange(length, device=device)[None, :] < counts[:, None]
+    return index, valid
+
+
+def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
+    """Split exactly `num_split` regions per image, those with the highest logits: `(B, Nc)` bool."""
+    split_mask = torch.zeros_like(split_logits, dtype=torch.bool)
+    if num_split == 0:
+        return split_mask
+    return split_mask.scatter(1, split_logits.topk(num_split, dim=1).indices, True)
+
+
+__all__ = [
+    "candidate_active_mask",
+    "candidate_mask_values",
+    "downscaled_coarse_patches",
+    "fine_patches_by_parent",
+    "gathered_token_index",
+    "group_fine_grid",
+    "patchify",
+    "pool_fine_grid",
+    "token_counts",
+    "topk_split_mask",
+]

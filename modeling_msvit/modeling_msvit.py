@@ -1,0 +1,658 @@
+# Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch MSViT: Dynamic Mixed-Scale Tokenization for Vision Transformers (Havtorn et al., ICCVW 2023)."""
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_msvit import MSViTConfig
+from .macs_msvit import encoder_macs, mlp_macs
+from .mixed_scale_tokens import (
+    candidate_active_mask,
+    candidate_mask_values,
+    downscaled_coarse_patches,
+    fine_patches_by_parent,
+    gathered_token_index,
+    group_fine_grid,
+    patchify,
+    pool_fine_grid,
+    token_counts,
+    topk_split_mask,
+)
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MSViTModelOutput(ModelOutput):
+    r"""
+    Output of [`MSViTModel`]. The sequence layout depends on the execution path: the *gathered* path (inference) holds
+    each image's active tokens padded to the longest image of the batch, the *masked* path (training) holds all
+    `1 + Nc + Nf` candidates. `token_mask` and `token_index` say which positions are real tokens and what they are.
+
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Final hidden states; position 0 is the CLS token.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Embedding output and the output of every layer, returned with `output_hidden_states=True`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of every layer, returned with `output_attentions=True` (eager attention only).
+    token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`):
+        True where a position holds an active token, False on padding (gathered) or inactive candidates (masked).
+    token_index (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        For each position, 0 for CLS, else `1 + c` where `c` indexes the candidate layout: coarse region `j` is
+        `c = j`, fine child `k` of region `j` is `c = Nc + j * r**2 + k` (see `mixed_scale_tokens`).
+    split_mask (`torch.BoolTensor` of shape `(batch_size, num_coarse)`):
+        Hard decisions per coarse region (raster order), True = split into fine tokens.
+    split_probs (`torch.FloatTensor` of shape `(batch_size, num_coarse)`):
+        The gate's split probability per region, `sigmoid(gate logit)`.
+    token_counts (`torch.LongTensor` of shape `(batch_size,)`):
+        Active tokens per image including CLS: `1 + Nc + (r**2 - 1) * #split`.
+    gate_loss (`torch.FloatTensor` of shape `()`):
+        The compute-budget loss on the gate (`config.gate_loss_type`), unweighted; None when decisions were forced.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    token_mask: torch.BoolTensor | None = None
+    token_index: torch.LongTensor | None = None
+    split_mask: torch.BoolTensor | None = None
+    split_probs: torch.FloatTensor | None = None
+    token_counts: torch.LongTensor | None = None
+    gate_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MSViTImageClassifierOutput(ImageClassifierOutput):
+    r"""
+    [`ImageClassifierOutput`] with MSViT's gate fields (see [`MSViTModelOutput`]). With `labels`, `loss` is the
+    classification loss plus `config.gate_loss_weight * gate_loss`.
+    """
+
+    split_mask: torch.BoolTensor | None = None
+    split_probs: torch.FloatTensor | None = None
+    token_counts: torch.LongTensor | None = None
+    gate_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MixedScaleTokens:
+    """What [`MSViTEmbeddings`] hands to the encoder (internal)."""
+
+    embeddings: torch.Tensor
+    token_mask: torch.Tensor
+    token_index: torch.Tensor
+    attention_mask: torch.Tensor | None
+    split_mask: torch.Tensor
+    split_probs: torch.Tensor
+    split_soft: torch.Tensor | None
+
+
+def gumbel_sigmoid(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A relaxed Bernoulli sample `sigmoid((logits + logistic noise) / temperature)`."""
+    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    return torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+
+
+def ratio_loss(split_soft: torch.Tensor, target_fine_ratio: float) -> torch.Tensor:
+    """`(mean soft split value - target) ** 2` over the batch and all regions."""
+    return (split_soft.float().mean() - target_fine_ratio) ** 2
+
+
+class MSViTPatchEmbeddings(nn.Module):
+    """Linear embedding of flattened `patch_size x patch_size` patches, stored as a ViT-compatible `Conv2d`."""
+
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # `patches` are flattened in (channel, row, column) order, so this equals the strided convolution
+        return F.linear(patches, self.projection.weight.flatten(1), self.projection.bias)
+
+
+class MSViTGate(nn.Module):
+    """The gate: a small MLP that reads one coarse region and outputs the logit of splitting it."""
+
+    def __init__(self, config: MSViTConfig, input_size: int):
+        super().__init__()
+        sizes = [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
+        self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+        self.activation = nn.GELU()
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        hidden_states = regions
+        for layer in self.layers[:-1]:
+            hidden_states = self.activation(layer(hidden_states))
+        return self.layers[-1](hidden_states).squeeze(-1)
+
+
+class MSViTEmbeddings(nn.Module):
+    """
+    Construct the CLS token and the gated mixed-scale patch tokens with their position embeddings.
+
+    The gate reads every coarse region and decides to keep it as one coarse token or split it into its `r**2` fine
+    tokens. Coarse regions are area-downscaled to the fine patch size and embedded with the same patch embedding as
+    fine patches; coarse position embeddings are the `r x r` averages of their children's.
+    """
+
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.ratio = config.scale_ratio
+        self.cls_token = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.patch_embeddings = MSViTPatchEmbeddings(config)
+        self.coarse_patch_embeddings = MSViTPatchEmbeddings(config) if config.separate_coarse_embedding else None
+        fine_height, fine_width = config.fine_grid_size
+        self.position_embeddings = nn.Parameter(torch.randn(1, 1 + fine_height * fine_width, config.hidden_size))
+        self.gate = MSViTGate(config, self.gate_input_size(config))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    @staticmethod
+    def gate_input_size(config: MSViTConfig) -> int:
+        if config.gate_input == "pixels":
+            return config.num_channels * config.coarse_patch_size**2
+        if config.gate_input == "coarse_embedding":
+            return config.hidden_size
+        return config.num_channels * config.patch_size**2
+
+    def candidate_position_embeddings(self, height: int, width: int, interpolate_pos_encoding: bool) -> torch.Tensor:
+        """Position embeddings `(Nc + Nf, hidden_size)` of all candidate tokens, in candidate layout."""
+        fine_height, fine_width = height // self.patch_size, width // self.patch_size
+        base_height, base_width = self.config.fine_grid_size
+        fine_grid = self.position_embeddings[0, 1:].reshape(base_height, base_width, -1)
+        if (fine_height, fine_width) != (base_height, base_width):
+            if not interpolate_pos_encoding:
+                raise ValueError(
+                    f"Input image size ({height}x{width}) doesn't match the model's image_size "
+                    f"({base_height * self.patch_size}x{base_width * self.patch_size}). Resize the image with the "
+                    "model's image processor, or pass `interpolate_pos_encoding=True` to interpolate the position "
+                    "embeddings (height and width must stay multiples of `coarse_patch_size`)."
+                )
+            fine_grid = F.interpolate(
+                fine_grid.permute(2, 0, 1)[None], size=(fine_height, fine_width), mode="bicubic", align_corners=False
+            )[0].permute(1, 2, 0)
+        return torch.cat([pool_fine_grid(fine_grid, self.ratio), group_fine_grid(fine_grid, self.ratio)], dim=0)
+
+    def embed_patches(self, patches: torch.Tensor, is_coarse: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embeddings(patches)
+        if self.coarse_patch_embeddings is not None:
+            tokens = torch.where(is_coarse[..., None], self.coarse_patch_embeddings(patches), tokens)
+        return tokens
+
+    def gate_inputs(self, pixel_values: torch.Tensor, coarse_patches: torch.Tensor) -> torch.Tensor:
+        if self.config.gate_input == "pixels":
+            return patchify(pixel_values, self.config.coarse_patch_size)
+        if self.config.gate_input == "coarse_embedding":
+            projection = self.coarse_patch_embeddings or self.patch_embeddings
+            return projection(coarse_patches)
+        return coarse_patches
+
+    def decide(
+        self, split_logits: torch.Tensor, split_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (split values multiplying the tokens, hard split mask, soft values for the gate loss or None)."""
+        if split_mask is not None:
+            return split_mask.to(split_logits.dtype), split_mask, None
+        if self.training:
+            # Gumbel-sigmoid with a straight-through estimator: hard 0/1 forward, soft gradient
+            split_soft = gumbel_sigmoid(split_logits, self.config.gate_temperature)
+            hard = split_soft > 0.5
+            return hard.to(split_soft.dtype) - split_soft.detach() + split_soft, hard, split_soft
+        split_probs = torch.sigmoid(split_logits)
+        if self.config.fine_ratio_budget is not None:
+            hard = topk_split_mask(split_logits, self.num_split_in_budget(split_logits.shape[1]))
+        else:
+            hard = split_probs > self.config.gate_threshold
+        return hard.to(split_logits.dtype), hard, split_probs
+
+    def num_split_in_budget(self, num_coarse: int) -> int:
+        return round(self.config.fine_ratio_budget * num_coarse)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        split_mask: torch.BoolTensor | None = None,
+        token_path: str = "gathered",
+        interpolate_pos_encoding: bool = False,
+    ) -> MixedScaleTokens:
+        batch_size, _, height, width = pixel_values.shape
+        coarse_patches = downscaled_coarse_patches(pixel_values, self.patch_size, self.ratio)
+        num_coarse = coarse_patches.shape[1]
+        split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
+        split_values, split_mask, split_soft = self.decide(split_logits, split_mask)
+
+        candidates = torch.cat([coarse_patches, fine_patches_by_parent(pixel_values, self.patch_size, self.ratio)], 1)
+        positions = self.candidate_position_embeddings(height, width, interpolate_pos_encoding)
+        static_length = None
+        if token_path == "masked":
+            index = torch.arange(candidates.shape[1], device=candidates.device).expand(batch_size, -1)
+            valid = candidate_active_mask(split_mask, self.ratio)
+        else:
+            if split_soft is None and not self.training and self.config.fine_ratio_budget is not None:
+                # fixed budget: every image has the same length, known without looking at the data
+                static_length = num_coarse + (self.ratio**2 - 1) * self.num_split_in_budget(num_coarse)
+            index, valid = gathered_token_index(split_mask, self.ratio, static_length)
+            candidates = candidates.gather(1, index[..., None].expand(-1, -1, candidates.shape[-1]))
+
+        tokens = self.embed_patches(candidates, index < num_coarse) + positions[index]
+        if split_values.requires_grad:
+            tokens = tokens * candidate_mask_values(split_values, self.ratio).gather(1, index)[..., None]
+
+        cls_tokens = (self.cls_token + self.position_embeddings[:, :1]).expand(batch_size, -1, -1)
+        embeddings = self.dropout(torch.cat([cls_tokens, tokens.to(cls_tokens.dtype)], dim=1))
+        token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
+        all_valid = static_length is not None or (token_path != "masked" and bool(valid.all()))
+        return MixedScaleTokens(
+            embeddings=embeddings,
+            token_mask=token_mask,
+            token_index=torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1),
+            attention_mask=None if all_valid else token_mask,
+            split_mask=split_mask,
+            split_probs=torch.sigmoid(split_logits),
+            split_soft=split_soft,
+        )
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MSViTAttention(nn.Module):
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class MSViTMLP(nn.Module):
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class MSViTLayer(GradientCheckpointingLayer):
+    """A pre-norm transformer block with the same parameter names as transformers' `ViTLayer`."""
+
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.attention = MSViTAttention(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MSViTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + self.dropout(attn_output)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, attn_weights
+
+
+class MSViTPreTrainedModel(PreTrainedModel):
+    config: MSViTConfig
+    config_class = MSViTConfig
+    base_model_prefix = "msvit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MSViTEmbeddings", "MSViTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, MSViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, MSViTGate):
+            # start near the compute target: a region's prior split probability is `target_fine_ratio`
+            target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
+            init.constant_(module.layers[-1].bias, math.log(target / (1 - target)))
+
+    def _head_macs(self) -> int:
+        return 0
+
+    def compute_macs(self, token_counts: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-image MACs `(B,)` from each image's own active token count (CLS included).
+
+        Counts the gate on every coarse region, the patch embedding of every active token, the encoder on the image's
+        own sequence and the head. `image_size` defaults to `config.image_size`.
+        """
+        config = self.config
+        fine_height, fine_width = config.fine_grid_size
+        height, width = image_size or (fine_height * config.patch_size, fine_width * config.patch_size)
+        num_coarse = (height // config.coarse_patch_size) * (width // config.coarse_patch_size)
+        patch_values = config.num_channels * config.patch_size**2
+        gate_input = MSViTEmbeddings.gate_input_size(config)
+        gate = num_coarse * mlp_macs([gate_input] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1])
+        if config.gate_input == "coarse_embedding":
+            gate += num_coarse * patch_values * config.hidden_size
+        projections = 2 if config.separate_coarse_embedding else 1
+        embedding = (token_counts - 1) * patch_values * config.hidden_size * projections
+        encoder = encoder_macs(token_counts, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
+        return gate + embedding + encoder + self._head_macs()
+
+    @classmethod
+    def from_vit(cls, vit: "PreTrainedModel | str | os.PathLike", **config_overrides) -> "MSViTPreTrainedModel":
+        """Build an MSViT that reuses every weight of an HF ViT (or non-distilled DeiT) and adds a fresh gate.
+
+        Args:
+            vit: a `ViTModel` / `ViTForImageClassification` instance, or a local folder (or Hub id) holding one.
+            config_overrides: MSViT config fields, e.g. `coarse_patch_size=32, target_fine_ratio=0.5`.
+
+        With every region split, the converted model computes exactly what the ViT computes (tokens in another
+        order), so its logits equal the ViT's.
+        """
+        if isinstance(vit, (str, os.PathLike)):
+            from transformers import AutoConfig, ViTForImageClassification, ViTModel
+
+            vit_config = AutoConfig.from_pretrained(vit)
+            if vit_config.model_type != "vit":
+                raise ValueError(
+                    f"`from_vit` converts ViT checkpoints (model_type 'vit', which includes non-distilled DeiT), got "
+                    f"model_type {vit_config.model_type!r} from {vit}."
+                )
+            is_classifier = any("ForImageClassification" in name for name in vit_config.architectures or [])
+            vit = (ViTForImageClassification if is_classifier else ViTModel).from_pretrained(vit)
+        vit_config = vit.config
+        if getattr(vit_config, "model_type", None) != "vit":
+            raise ValueError(
+                f"`from_vit` expects a transformers ViT model (model_type 'vit'), got {type(vit).__name__}."
+            )
+        backbone = getattr(vit, "vit", vit)
+        fields = {
+            name: getattr(vit_config, name)
+            for name in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "hidden_dropout_prob",
+                "attention_probs_dropout_prob",
+                "initializer_range",
+                "layer_norm_eps",
+                "image_size",
+                "patch_size",
+                "num_channels",
+                "qkv_bias",
+                "id2label",
+                "label2id",
+            )
+        }
+        fields["coarse_patch_size"] = 2 * vit_config.patch_size
+        fields.update(config_overrides)
+        model = cls(MSViTConfig(**fields))
+
+        target = model.base_model
+        state_dict = {name: tensor for name, tensor in backbone.state_dict().items() if not name.startswith("pooler.")}
+        missing, unexpected = target.load_state_dict(state_dict, strict=False)
+        missing = [name for name in missing if not name.startswith("embeddings.gate.")]
+        missing = [name for name in missing if not name.startswith("embeddings.coarse_patch_embeddings.")]
+        if missing or unexpected:
+            raise ValueError(f"ViT weights do not fit MSViT: missing {missing}, unexpected {unexpected}.")
+        if model.config.separate_coarse_embedding:
+            target.embeddings.coarse_patch_embeddings.load_state_dict(
+                backbone.embeddings.patch_embeddings.state_dict()
+            )
+        if hasattr(model, "classifier") and hasattr(vit, "classifier"):
+            model.classifier.load_state_dict(vit.classifier.state_dict())
+        return model.to(next(vit.parameters()).dtype)
+
+
+class MSViTModel(MSViTPreTrainedModel):
+    def __init__(self, config: MSViTConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = MSViTEmbeddings(config)
+        self.layers = nn.ModuleList([MSViTLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> MSViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def _check_inputs(self, pixel_values: torch.Tensor | None, split_mask: torch.Tensor | None, token_path: str):
+        config = self.config
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values` of shape (batch_size, num_channels, height, width).")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"`pixel_values` must be a 4D tensor (batch_size, num_channels, height, width), got {shape}. "
+                "Use the model's image processor, or add a batch dimension with `pixel_values[None]`."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"`pixel_values` must be a floating-point tensor, got {pixel_values.dtype}. Use the model's image "
+                "processor, which rescales and normalises images."
+            )
+        if pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects {config.num_channels} "
+                "(`config.num_channels`)."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % config.coarse_patch_size or width % config.coarse_patch_size:
+            raise ValueError(
+                f"Image size {height}x{width} is not a multiple of `coarse_patch_size` ({config.coarse_patch_size}). "
+                "Resize or pad the images to a multiple of it; MSViT never crops or resizes silently."
+            )
+        if token_path not in ("masked", "gathered"):
+            raise ValueError(f"`token_path` must be 'masked', 'gathered' or None, got {token_path!r}.")
+        if split_mask is not None:
+            expected = (
+                pixel_values.shape[0],
+                (height // config.coarse_patch_size) * (width // config.coarse_patch_size),
+            )
+            if split_mask.dtype != torch.bool or tuple(split_mask.shape) != expected:
+                raise ValueError(
+                    f"`split_mask` must be a bool tensor of shape {expected} (batch_size, coarse regions in raster "
+                    f"order), got {split_mask.dtype} of shape {tuple(split_mask.shape)}."
+                )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        split_mask: torch.BoolTensor | None = None,
+        token_path: str | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MSViTModelOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images prepared by the image processor; height and width must be multiples of `coarse_patch_size`.
+        split_mask (`torch.BoolTensor` of shape `(batch_size, num_coarse)`, *optional*):
+            Force the decisions (True = split the region) instead of asking the gate; no gate loss is returned then.
+        token_path (`str`, *optional*):
+            `"masked"` or `"gathered"`; defaults to `config.train_token_path` in training and `"gathered"` otherwise.
+        interpolate_pos_encoding (`bool`, *optional*):
+            Interpolate the position embeddings to another image size (a multiple of `coarse_patch_size`).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if token_path is None:
+            token_path = self.config.train_token_path if self.training else "gathered"
+        self._check_inputs(pixel_values, split_mask, token_path)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+
+        tokens = self.embeddings(
+            pixel_values,
+            split_mask=split_mask,
+            token_path=token_path,
+            interpolate_pos_encoding=bool(interpolate_pos_encoding),
+        )
+        hidden_states = tokens.embeddings
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=tokens.attention_mask
+        )
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, attention_mask, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        sequence_output = self.layernorm(hidden_states)
+
+        gate_loss = None
+        if tokens.split_soft is not None:
+            gate_loss = ratio_loss(tokens.split_soft, self.config.target_fine_ratio)
+        output = MSViTModelOutput(
+            last_hidden_state=sequence_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            token_mask=tokens.token_mask,
+            token_index=tokens.token_index,
+            split_mask=tokens.split_mask,
+            split_probs=tokens.split_probs,
+            token_counts=token_counts(tokens.split_mask, self.config.scale_ratio),
+            gate_loss=gate_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MSViTForImageClassification(MSViTPreTrainedModel):
+    def __init__(self, config: MSViTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.msvit = MSViTModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def _head_macs(self) -> int:
+        return self.config.hidden_size * self.config.num_labels
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        split_mask: torch.BoolTensor | None = None,
+        token_path: str | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MSViTImageClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, config.num_labels)`. The returned loss then also includes the weighted gate loss, so
+            that `Trainer` keeps the compute budget with no custom code.
+
+        See [`MSViTModel.forward`] for the other arguments.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.msvit(
+            pixel_values,
+            split_mask=split_mask,
+            token_path=token_path,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+            if outputs.gate_loss is not None:
+                loss = loss + self.config.gate_loss_weight * outputs.gate_loss
+        output = MSViTImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            split_mask=outputs.split_mask,
+            split_probs=outputs.split_probs,
+            token_counts=outputs.token_counts,
+            gate_loss=outputs.gate_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["MSViTForImageClassification", "MSViTModel", "MSViTPreTrainedModel"]
