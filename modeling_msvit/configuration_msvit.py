@@ -147,7 +147,8 @@ class MSViTConfig(PreTrainedConfig):
             )
         if self.coarse_patch_size % self.patch_size != 0 or self.coarse_patch_size == self.patch_size:
             raise ValueError(
-                f"`coarse_patch_size` ({self.coarse_patch_size}) must be a multiple of `patch_size` ({self.patch_size}) "
+                f"`coarse_patch_size` ({self.coarse_patch_size}) must be a multiple of "
+                f"`patch_size` ({self.patch_size}) "
                 f"and larger than it, e.g. coarse_patch_size={2 * self.patch_size}."
             )
         image_size = _as_pair(self.image_size)

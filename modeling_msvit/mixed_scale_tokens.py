@@ -74,7 +74,7 @@ def token_counts(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
 
 
 def candidate_active_mask(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Which candidate tokens are active, `(B, Nc + Nf)` bool: kept regions' coarse tokens and split regions' children."""
+    """Active candidates `(B, Nc + Nf)` bool: kept regions' coarse tokens and split regions' children."""
     return torch.cat([~split_mask, split_mask.repeat_interleave(ratio * ratio, dim=-1)], dim=-1)
 
 

@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from modeling_msvit import MSViTConfig  # noqa: E402
+
+
+def tiny_config(**overrides) -> MSViTConfig:
+    """32 px images, fine patch 4, coarse patch 8: a 4x4 coarse grid (Nc = 16) over an 8x8 fine grid (Nf = 64)."""
+    fields = dict(
+        image_size=32,
+        patch_size=4,
+        coarse_patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        gate_hidden_size=16,
+        num_labels=5,
+    )
+    fields.update(overrides)
+    return MSViTConfig(**fields)
+
+
+@pytest.fixture
+def config() -> MSViTConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def pixel_values() -> torch.Tensor:
+    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

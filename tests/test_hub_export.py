@@ -1,0 +1,105 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_msvit import MSViTForImageClassification
+from tests.conftest import tiny_config
+from tools.export import MODELING_FILES, export_hub_folder, image_processor_for
+
+
+FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+
+# Runs in a fresh interpreter, outside the repository, with the repository's package made unimportable, so that
+# only the code inside the exported folder can be used.
+REMOTE_LOAD = """
+import sys
+sys.modules["modeling_msvit"] = None
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+assert "transformers_modules" in type(model).__module__, type(model).__module__
+image = Image.open(folder + "/../photo.png")
+pixel_values = AutoImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt").pixel_values
+with torch.no_grad():
+    logits = model(pixel_values).logits[0]
+classifier = pipeline("image-classification", model=folder, trust_remote_code=True, top_k=None)
+scores = {row["label"]: row["score"] for row in classifier(image)}
+torch.save({"logits": logits, "pixel_values": pixel_values, "scores": scores}, out)
+"""
+
+
+def load_in_clean_process(folder: Path, tmp_path: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    out = tmp_path / "remote.pt"
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(out)], cwd=tmp_path, env=env, check=True, timeout=300
+    )
+    return torch.load(out)
+
+
+@pytest.fixture
+def photo(tmp_path) -> Image.Image:
+    pixels = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype("uint8")
+    image = Image.fromarray(pixels)
+    image.save(tmp_path / "photo.png")
+    return image
+
+
+@pytest.fixture
+def model() -> MSViTForImageClassification:
+    config = tiny_config(id2label={i: f"class-{i}" for i in range(5)}, label2id={f"class-{i}": i for i in range(5)})
+    return MSViTForImageClassification(config).eval()
+
+
+def check_remote_matches(model, folder, photo, tmp_path):
+    remote = load_in_clean_process(folder, tmp_path)
+    local_pixels = image_processor_for(model.config)(images=photo, return_tensors="pt").pixel_values
+    assert torch.equal(remote["pixel_values"], local_pixels)
+    with torch.no_grad():
+        logits = model(local_pixels).logits[0]
+    # bit-identical in-process (see test_modeling_msvit); across processes CPU kernels may round differently
+    torch.testing.assert_close(remote["logits"], logits, rtol=0, atol=1e-6)
+    probabilities = logits.softmax(-1)
+    for index, label in model.config.id2label.items():
+        assert abs(remote["scores"][label] - probabilities[index].item()) <= 1e-6
+
+
+def test_export_writes_a_complete_hub_folder(tmp_path, model, photo):
+    folder = export_hub_folder(model, tmp_path / "msvit-hub", repo_id="org/msvit-tiny-test")
+    files = {path.name for path in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", *MODELING_FILES} <= files
+    assert not any(name.endswith(".bin") for name in files)
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["auto_map"]) == FULL_AUTO_MAP and config["model_type"] == "msvit"
+    card = (folder / "README.md").read_text()
+    assert "org/msvit-tiny-test" in card and "$" not in card.split("## Citation")[0]
+    check_remote_matches(model, folder, photo, tmp_path)
+
+
+def test_plain_save_pretrained_already_loads_with_remote_code(tmp_path, model, photo):
+    folder = tmp_path / "plain"
+    model.save_pretrained(folder)
+    image_processor_for(model.config).save_pretrained(folder)
+    assert {*MODELING_FILES} <= {path.name for path in folder.iterdir()}
+    assert set(json.loads((folder / "config.json").read_text())["auto_map"]) == FULL_AUTO_MAP
+    check_remote_matches(model, folder, photo, tmp_path)
+
+
+def test_model_card_carries_the_model_index(tmp_path, model):
+    index = [{"name": "msvit", "results": [{"task": {"type": "image-classification"}, "metrics": [
+        {"type": "accuracy", "value": 0.5, "name": "top-1"}]}]}]  # fmt: skip
+    folder = export_hub_folder(model, tmp_path / "card", model_index=index, results_markdown="| a | b |")
+    card = (folder / "README.md").read_text()
+    assert "model-index:" in card and 'type: "accuracy"' in card and "| a | b |" in card

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from modeling_msvit.mixed_scale_tokens import (
+    candidate_active_mask,
+    candidate_mask_values,
+    downscaled_coarse_patches,
+    fine_patches_by_parent,
+    gathered_token_index,
+    group_fine_grid,
+    patchify,
+    pool_fine_grid,
+    token_counts,
+    topk_split_mask,
+)
+
+
+def test_patchify_matches_strided_convolution():
+    pixels = torch.randn(2, 3, 12, 8)
+    conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
+    expected = conv(pixels).flatten(2).transpose(1, 2)
+    actual = F.linear(patchify(pixels, 4), conv.weight.flatten(1), conv.bias)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_patches_are_grouped_by_parent():
+    # one channel, 1x1 patches, r = 2, a 4x6 image whose pixel value is its raster index
+    pixels = torch.arange(24.0).reshape(1, 1, 4, 6)
+    fine = fine_patches_by_parent(pixels, patch_size=1, ratio=2)[0, :, 0]
+    # coarse grid 2x3; region 0 covers pixels (0,0),(0,1),(1,0),(1,1); region 1 starts at column 2; ...
+    expected = [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11, 12, 13, 18, 19, 14, 15, 20, 21, 16, 17, 22, 23]
+    assert fine.tolist() == expected
+
+
+def test_downscaled_coarse_patch_is_the_area_average():
+    pixels = torch.randn(2, 3, 16, 16)
+    coarse = downscaled_coarse_patches(pixels, patch_size=4, ratio=2)  # regions of 8x8 -> 4x4
+    assert coarse.shape == (2, 4, 3 * 4 * 4)
+    region = pixels[1, :, 8:16, 0:8]  # region 2 (second row, first column)
+    expected = region.reshape(3, 4, 2, 4, 2).mean(dim=(2, 4)).flatten()
+    torch.testing.assert_close(coarse[1, 2], expected)
+
+
+def test_group_and_pool_fine_grid_by_hand():
+    grid = torch.arange(16.0).reshape(4, 4, 1)  # fine grid 4x4, r = 2 -> coarse 2x2
+    assert group_fine_grid(grid, 2)[:, 0].tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+    assert pool_fine_grid(grid, 2)[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_gathered_token_index_by_hand():
+    split_mask = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    index, valid = gathered_token_index(split_mask, ratio=2)
+    # candidates: coarse 0..3, children of region j at 4 + 4j .. 4 + 4j + 3
+    assert index[0].tolist() == [0, 8, 9, 10, 11, 2, 16, 17, 18, 19]
+    assert index[1, :4].tolist() == [0, 1, 2, 3]
+    assert valid.tolist() == [[True] * 10, [True] * 4 + [False] * 6]
+    assert token_counts(split_mask, 2).tolist() == [11, 5]
+
+
+def test_gathered_token_index_with_static_length_and_padding_in_range():
+    split_mask = torch.rand(5, 16) > 0.5
+    index, valid = gathered_token_index(split_mask, ratio=3, length=16 * 9)
+    assert index.shape == (5, 16 * 9) and int(index.max()) < 16 + 16 * 9
+    assert valid.sum(1).tolist() == (token_counts(split_mask, 3) - 1).tolist()
+    # the gathered set of each image is exactly its active candidates
+    active = candidate_active_mask(split_mask, 3)
+    for image in range(5):
+        assert sorted(index[image][valid[image]].tolist()) == active[image].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_token_counts_corner_cases(ratio):
+    num_coarse = 6
+    all_coarse = torch.zeros(1, num_coarse, dtype=torch.bool)
+    all_fine = torch.ones(1, num_coarse, dtype=torch.bool)
+    assert token_counts(all_coarse, ratio).item() == 1 + num_coarse
+    assert token_counts(all_fine, ratio).item() == 1 + num_coarse * ratio**2
+
+
+def test_candidate_mask_values_route_gradient_to_both_scales():
+    split_values = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    values = candidate_mask_values(split_values, ratio=2)
+    assert values.tolist() == [[1.0, 0.0, 0, 0, 0, 0, 1, 1, 1, 1]]
+    values.sum().backward()
+    assert split_values.grad.tolist() == [[3.0, 3.0]]  # -1 from the coarse token, +4 from the children
+
+
+def test_topk_split_mask_splits_exactly_k():
+    logits = torch.randn(4, 16)
+    mask = topk_split_mask(logits, 5)
+    assert mask.sum(1).tolist() == [5] * 4
+    assert torch.all(logits[mask].reshape(4, 5).min(1).values >= logits.masked_fill(mask, -1e9).max(1).values)
+    assert topk_split_mask(logits, 0).sum() == 0
