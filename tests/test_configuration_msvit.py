@@ -56,7 +56,8 @@ def test_config_round_trip_keeps_fields_and_auto_map(tmp_path):
 def test_presets(name, sizes):
     assert name in preset_names()
     for config in (MSViTConfig.from_pretrained(preset_path(name)), load_preset(name)):
-        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == sizes
+        widths = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size)
+        assert widths == sizes
         assert (config.image_size, config.patch_size, config.coarse_patch_size) == (224, 16, 32)
     with pytest.raises(ValueError, match="available presets"):
         load_preset("msvit-huge")

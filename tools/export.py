@@ -11,6 +11,10 @@ and `pipeline("image-classification", model=folder, trust_remote_code=True)`, an
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from string import Template
 
@@ -157,12 +161,37 @@ def export_hub_folder(
     return output_dir
 
 
+# Run in a fresh interpreter with the repository package blocked, so only the folder's own code can be used.
+_REMOTE_LOGITS = """
+import sys
+sys.modules["modeling_msvit"] = None
+import torch
+from transformers import AutoModelForImageClassification
+folder, inputs, out = sys.argv[1:4]
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(torch.load(inputs)).logits, out)
+"""
+
+
+def remote_code_logits(folder: str | Path, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Logits of the exported folder loaded with `trust_remote_code=True` in a clean, offline subprocess."""
+    with tempfile.TemporaryDirectory() as workdir:
+        inputs, out = Path(workdir) / "pixel_values.pt", Path(workdir) / "logits.pt"
+        torch.save(pixel_values, inputs)
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(workdir) / "modules"))
+        command = [sys.executable, "-c", _REMOTE_LOGITS, str(Path(folder).resolve()), str(inputs), str(out)]
+        subprocess.run(command, cwd=workdir, env=env, check=True, timeout=600)
+        return torch.load(out)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Export an MSViT image classifier as a Hub-ready folder.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="Name of a preset in configuration/models/ (random weights).")
     source.add_argument("--model", help="Folder of a saved MSViT image classifier.")
-    source.add_argument("--from-vit", help="Folder (or Hub id when online) of an HF ViT to convert, with a fresh gate.")
+    source.add_argument("--from-vit", help="Folder (or Hub id) of an HF ViT to convert; the gate is new.")
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--repo-id", help="Hub repository id used in the model card's snippets.")
     parser.add_argument("--coarse-patch-size", type=int, help="Coarse patch size when converting a ViT.")
