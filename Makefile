@@ -16,6 +16,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m tools.demo
 
 test: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
 
 lint: $(STAMP)

@@ -241,3 +241,16 @@ def test_return_dict_false_gives_a_tuple(config, pixel_values):
     model = MSViTForImageClassification(config).eval()
     outputs = model(pixel_values, return_dict=False)
     assert isinstance(outputs, tuple) and torch.equal(outputs[0], model(pixel_values).logits)
+
+
+def test_flex_attention_equals_eager_at_inference(pixel_values):
+    # torch implements flex attention's backward only on GPUs, so the CPU check is inference-only
+    eager = MSViTForImageClassification(tiny_config(attn_implementation="eager")).eval()
+    flex = MSViTForImageClassification(tiny_config(attn_implementation="flex_attention")).eval()
+    flex.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        for token_path in ("gathered", "masked"):
+            delta = (
+                eager(pixel_values, token_path=token_path).logits - flex(pixel_values, token_path=token_path).logits
+            )
+            assert delta.abs().max() <= 1e-4
