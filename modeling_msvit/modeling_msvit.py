@@ -556,6 +556,11 @@ class MSViTModel(MSViTPreTrainedModel):
         if token_path is None:
             token_path = self.config.train_token_path if self.training else "gathered"
         self._check_inputs(pixel_values, split_mask, token_path)
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"`output_attentions=True` returns no attention maps with attn_implementation="
+                f"{self.config._attn_implementation!r}; load the model with attn_implementation='eager' to get them."
+            )
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
 
         tokens = self.embeddings(
