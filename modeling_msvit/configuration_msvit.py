@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 
 GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
 TOKEN_PATHS = ("masked", "gathered")
-GATE_LOSSES = ("ratio",)
+GATE_LOSSES = ("gbas", "bas", "ratio")
 
 # Written into every saved `config.json` so that a plain `save_pretrained` folder loads with
 # `trust_remote_code=True` through any of the Auto classes.
@@ -58,12 +58,25 @@ class MSViTConfig(PreTrainedConfig):
         train_token_path (`str`, *optional*, defaults to `"masked"`):
             Execution path in training: `"masked"` (all candidate tokens, inactive ones masked out of attention) or
             `"gathered"` (only active tokens, padded per batch). Inference always uses the gathered path.
-        gate_loss_type (`str`, *optional*, defaults to `"ratio"`):
-            The compute-budget loss on the gate: `"ratio"` is `(mean soft split value - target_fine_ratio) ** 2`.
+        gate_loss_type (`str`, *optional*, defaults to `"gbas"`):
+            The compute-budget loss on the gate's soft split values (see `gate_losses.py`): `"gbas"`, the paper's
+            generalized batch-shaping (a learned Relaxed-Bernoulli prior per coarse position, a Gaussian hyperprior
+            on their means centred on `target_fine_ratio`, an L1 term on their temperatures); `"bas"`, plain
+            batch-shaping against one shared prior; `"ratio"`, `(mean soft split value - target_fine_ratio) ** 2`.
         target_fine_ratio (`float`, *optional*, defaults to 0.5):
             The fraction of coarse regions the gate loss steers towards splitting.
         gate_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the gate loss in the total loss returned with `labels`.
+        gate_prior_temperature (`float`, *optional*, defaults to 0.5):
+            Temperature of the shared BaS prior, and the initial temperature of the gBaS priors.
+        gbas_hyperprior_std (`float`, *optional*, defaults to 0.2):
+            Standard deviation of the Gaussian hyperprior on the gBaS prior means (initial value if learned).
+        gbas_hyperprior_learnable (`bool`, *optional*, defaults to `False`):
+            Learn the hyperprior's standard deviation instead of keeping it fixed.
+        gbas_hyperprior_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the hyperprior term inside the gBaS loss.
+        gbas_temperature_weight (`float`, *optional*, defaults to 0.01):
+            Weight of the L1 term on the gBaS prior temperatures.
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label ignored by the semantic segmentation loss.
 
@@ -100,9 +113,14 @@ class MSViTConfig(PreTrainedConfig):
     gate_threshold: float = 0.5
     fine_ratio_budget: float | int | None = None
     train_token_path: str = "masked"
-    gate_loss_type: str = "ratio"
+    gate_loss_type: str = "gbas"
     target_fine_ratio: float | int = 0.5
     gate_loss_weight: float | int = 1.0
+    gate_prior_temperature: float | int = 0.5
+    gbas_hyperprior_std: float | int = 0.2
+    gbas_hyperprior_learnable: bool = False
+    gbas_hyperprior_weight: float | int = 1.0
+    gbas_temperature_weight: float | int = 0.01
     semantic_loss_ignore_index: int = 255
 
     def __post_init__(self, **kwargs):
@@ -165,8 +183,12 @@ class MSViTConfig(PreTrainedConfig):
             raise ValueError(f"`target_fine_ratio` must lie in [0, 1], got {self.target_fine_ratio}.")
         if self.gate_temperature <= 0:
             raise ValueError(f"`gate_temperature` must be positive, got {self.gate_temperature}.")
-        if self.gate_loss_weight < 0:
-            raise ValueError(f"`gate_loss_weight` must be non-negative, got {self.gate_loss_weight}.")
+        for name in ("gate_loss_weight", "gbas_hyperprior_weight", "gbas_temperature_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)}.")
+        for name in ("gate_prior_temperature", "gbas_hyperprior_std"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
         for name, value, allowed in (
             ("gate_input", self.gate_input, GATE_INPUTS),
             ("train_token_path", self.train_token_path, TOKEN_PATHS),

@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_msvit import MSViTConfig
+from .gate_losses import MSViTGateLoss
 from .macs_msvit import encoder_macs, mlp_macs
 from .mixed_scale_tokens import (
     candidate_active_mask,
@@ -106,11 +107,6 @@ def gumbel_sigmoid(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """A relaxed Bernoulli sample `sigmoid((logits + logistic noise) / temperature)`."""
     uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     return torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
-
-
-def ratio_loss(split_soft: torch.Tensor, target_fine_ratio: float) -> torch.Tensor:
-    """`(mean soft split value - target) ** 2` over the batch and all regions."""
-    return (split_soft.float().mean() - target_fine_ratio) ** 2
 
 
 class MSViTPatchEmbeddings(nn.Module):
@@ -380,6 +376,11 @@ class MSViTPreTrainedModel(PreTrainedModel):
         if isinstance(module, MSViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, MSViTGateLoss) and module.loss_type == "gbas":
+            target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
+            init.constant_(module.prior_mean_logits, math.log(target / (1 - target)))
+            init.constant_(module.prior_log_temperatures, math.log(self.config.gate_prior_temperature))
+            init.constant_(module.hyperprior_log_std, math.log(self.config.gbas_hyperprior_std))
         elif isinstance(module, MSViTGate):
             # start near the compute target: a region's prior split probability is `target_fine_ratio`
             target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
@@ -463,8 +464,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
         target = model.base_model
         state_dict = {name: tensor for name, tensor in backbone.state_dict().items() if not name.startswith("pooler.")}
         missing, unexpected = target.load_state_dict(state_dict, strict=False)
-        missing = [name for name in missing if not name.startswith("embeddings.gate.")]
-        missing = [name for name in missing if not name.startswith("embeddings.coarse_patch_embeddings.")]
+        new_parts = ("embeddings.gate.", "embeddings.coarse_patch_embeddings.", "gate_criterion.")
+        missing = [name for name in missing if not name.startswith(new_parts)]
         if missing or unexpected:
             raise ValueError(f"ViT weights do not fit MSViT: missing {missing}, unexpected {unexpected}.")
         if model.config.separate_coarse_embedding:
@@ -483,6 +484,7 @@ class MSViTModel(MSViTPreTrainedModel):
         self.embeddings = MSViTEmbeddings(config)
         self.layers = nn.ModuleList([MSViTLayer(config) for _ in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gate_criterion = MSViTGateLoss(config)
         self.post_init()
 
     def get_input_embeddings(self) -> MSViTPatchEmbeddings:
@@ -585,7 +587,7 @@ class MSViTModel(MSViTPreTrainedModel):
 
         gate_loss = None
         if tokens.split_soft is not None:
-            gate_loss = ratio_loss(tokens.split_soft, self.config.target_fine_ratio)
+            gate_loss = self.gate_criterion(tokens.split_soft)
         output = MSViTModelOutput(
             last_hidden_state=sequence_output,
             hidden_states=all_hidden_states,

@@ -132,7 +132,8 @@ def test_gate_receives_task_gradient_through_the_straight_through_estimator(pixe
 
 
 def test_loss_is_cross_entropy_plus_weighted_ratio_loss(pixel_values):
-    model = MSViTForImageClassification(tiny_config(gate_loss_weight=0.5, target_fine_ratio=0.25)).eval()
+    config = tiny_config(gate_loss_type="ratio", gate_loss_weight=0.5, target_fine_ratio=0.25)
+    model = MSViTForImageClassification(config).eval()
     labels = torch.arange(8) % 5
     outputs = model(pixel_values, labels=labels)
     expected_gate_loss = (outputs.split_probs.mean() - 0.25) ** 2

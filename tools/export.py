@@ -28,7 +28,13 @@ from tools.presets import load_preset
 
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
-MODELING_FILES = ("configuration_msvit.py", "modeling_msvit.py", "mixed_scale_tokens.py", "macs_msvit.py")
+MODELING_FILES = (
+    "configuration_msvit.py",
+    "modeling_msvit.py",
+    "mixed_scale_tokens.py",
+    "macs_msvit.py",
+    "gate_losses.py",
+)
 
 
 def image_processor_for(config: MSViTConfig, **kwargs) -> ViTImageProcessorPil:

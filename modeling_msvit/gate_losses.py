@@ -1,0 +1,134 @@
+# Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
+"""Compute-budget losses on the gate's soft split values.
+
+All losses take `split_soft` of shape `(B, Nc)`: the relaxed (Gumbel-sigmoid) split value of every coarse region in
+a batch, in (0, 1). They shape the *distribution* of these values, not only their mean:
+
+* **batch-shaping (BaS)**: the Cramér–von Mises distance between the empirical distribution of all `B * Nc` values
+  and one shared prior;
+* **generalized batch-shaping (gBaS)**, the paper's loss: one prior per coarse position `k`, a Relaxed-Bernoulli
+  with learned mean `mu_k` and temperature `tau_k`, each compared with that position's `B` values; a Gaussian
+  hyperprior centred on the target fine ratio, compared with the set `{mu_k}` by the same criterion; and an L1 term on
+  `{tau_k}` that favours peaky (nearly binary) priors;
+* **ratio**: `(mean split value - target) ** 2`.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+CDF_CLIP = 1e-3
+
+
+def relaxed_bernoulli_cdf(x: torch.Tensor, mean: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """CDF of a Relaxed-Bernoulli (binary Concrete) variable, `sigmoid(temperature * logit(x) - logit(mean))`.
+
+    `X = sigmoid((logit(mean) + L) / temperature)` with `L` standard logistic, so `P(X > 1/2) = mean`, and a small
+    temperature concentrates the mass near 0 and 1. `x` is clipped to `[1e-3, 1 - 1e-3]`, which keeps the loss and
+    its gradient finite at exactly 0 and 1.
+    """
+    x = x.clamp(CDF_CLIP, 1 - CDF_CLIP)
+    return torch.sigmoid(temperature * torch.logit(x) - torch.logit(mean))
+
+
+def gaussian_cdf(x: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf((x - mean) / (std * math.sqrt(2.0))))
+
+
+def cramer_von_mises(samples: torch.Tensor, cdf: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Cramér–von Mises criterion along the last dimension: `mean_i (i / (N + 1) - F(x_(i))) ** 2`.
+
+    `samples` is `(..., N)`; each row is sorted, `x_(i)` is its `i`-th smallest value (`i = 1..N`) and `F = cdf`
+    is applied elementwise (it may broadcast over the leading dimensions). Returns `(...)`.
+    """
+    sorted_samples = samples.sort(dim=-1).values
+    num_samples = samples.shape[-1]
+    empirical = torch.arange(1, num_samples + 1, device=samples.device, dtype=samples.dtype) / (num_samples + 1)
+    return ((empirical - cdf(sorted_samples)) ** 2).mean(-1)
+
+
+def ratio_loss(split_soft: torch.Tensor, target_fine_ratio: float) -> torch.Tensor:
+    """`(mean soft split value - target) ** 2` over the batch and all regions."""
+    return (split_soft.mean() - target_fine_ratio) ** 2
+
+
+def batch_shaping_loss(split_soft: torch.Tensor, mean: float, temperature: float) -> torch.Tensor:
+    """BaS: all `B * Nc` values against one shared Relaxed-Bernoulli prior."""
+    mean_t = split_soft.new_tensor(mean)
+    temperature_t = split_soft.new_tensor(temperature)
+    return cramer_von_mises(split_soft.flatten(), lambda x: relaxed_bernoulli_cdf(x, mean_t, temperature_t))
+
+
+def generalized_batch_shaping_loss(
+    split_soft: torch.Tensor, prior_means: torch.Tensor, prior_temperatures: torch.Tensor
+) -> torch.Tensor:
+    """gBaS data term: position `k`'s `B` values against its own prior `(mu_k, tau_k)`, averaged over positions.
+
+    `split_soft` is `(B, Nc)`; `prior_means` and `prior_temperatures` are `(Nc,)`.
+    """
+    per_position = cramer_von_mises(
+        split_soft.transpose(0, 1),
+        lambda x: relaxed_bernoulli_cdf(x, prior_means[:, None], prior_temperatures[:, None]),
+    )
+    return per_position.mean()
+
+
+class MSViTGateLoss(nn.Module):
+    """The gate loss selected by `config.gate_loss_type`, holding gBaS's learnable priors (one per coarse position).
+
+    Returns the unweighted loss; the heads add `config.gate_loss_weight` times it to the task loss.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.loss_type = config.gate_loss_type
+        self.target = config.target_fine_ratio
+        self.prior_temperature = config.gate_prior_temperature
+        self.hyperprior_weight = config.gbas_hyperprior_weight
+        self.temperature_weight = config.gbas_temperature_weight
+        self.num_coarse = config.coarse_grid_size[0] * config.coarse_grid_size[1]
+        if self.loss_type == "gbas":
+            # stored as logit(mu_k) and log(tau_k): unconstrained parameters for valid priors
+            self.prior_mean_logits = nn.Parameter(torch.zeros(self.num_coarse))
+            self.prior_log_temperatures = nn.Parameter(torch.zeros(self.num_coarse))
+            self.hyperprior_log_std = nn.Parameter(torch.zeros(()), requires_grad=config.gbas_hyperprior_learnable)
+
+    @property
+    def prior_means(self) -> torch.Tensor:
+        return torch.sigmoid(self.prior_mean_logits)
+
+    @property
+    def prior_temperatures(self) -> torch.Tensor:
+        return self.prior_log_temperatures.exp()
+
+    def forward(self, split_soft: torch.Tensor) -> torch.Tensor:
+        split_soft = split_soft.float()
+        if self.loss_type == "ratio":
+            return ratio_loss(split_soft, self.target)
+        if self.loss_type == "bas":
+            return batch_shaping_loss(split_soft, self.target, self.prior_temperature)
+        if split_soft.shape[1] != self.num_coarse:
+            raise ValueError(
+                f"gBaS holds one prior per coarse position of the configured image size ({self.num_coarse} regions) "
+                f"but got {split_soft.shape[1]} regions; train at the configured image size or use "
+                "gate_loss_type='bas' or 'ratio'."
+            )
+        means, temperatures = self.prior_means, self.prior_temperatures
+        data_term = generalized_batch_shaping_loss(split_soft, means, temperatures)
+        std = self.hyperprior_log_std.exp()
+        hyperprior_term = cramer_von_mises(means, lambda x: gaussian_cdf(x, self.target, std))
+        return data_term + self.hyperprior_weight * hyperprior_term + self.temperature_weight * temperatures.mean()
+
+
+__all__ = [
+    "MSViTGateLoss",
+    "batch_shaping_loss",
+    "cramer_von_mises",
+    "gaussian_cdf",
+    "generalized_batch_shaping_loss",
+    "ratio_loss",
+    "relaxed_bernoulli_cdf",
+]
