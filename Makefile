@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-requirements
 
-.PHONY: demo test lint export clean
+.PHONY: demo test lint data clean
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -12,10 +12,19 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST from the Debian package dataset-fashion-mnist (MIT): the real data of the training scripts.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m tools.demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest

@@ -129,15 +129,18 @@ class MSViTGate(nn.Module):
 
     def __init__(self, config: MSViTConfig, input_size: int):
         super().__init__()
-        sizes = [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
+        sizes = [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+        self.layers.append(nn.Linear(sizes[-1], 1, bias=False))
+        # the output bias is the gate's prior split logit, initialised at logit(target_fine_ratio)
+        self.split_logit_bias = nn.Parameter(torch.zeros(()))
         self.activation = nn.GELU()
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         hidden_states = regions
         for layer in self.layers[:-1]:
             hidden_states = self.activation(layer(hidden_states))
-        return self.layers[-1](hidden_states).squeeze(-1)
+        return self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias
 
 
 class MSViTEmbeddings(nn.Module):
@@ -384,7 +387,7 @@ class MSViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MSViTGate):
             # start near the compute target: a region's prior split probability is `target_fine_ratio`
             target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
-            init.constant_(module.layers[-1].bias, math.log(target / (1 - target)))
+            init.constant_(module.split_logit_bias, math.log(target / (1 - target)))
 
     def _head_macs(self) -> int:
         return 0

@@ -1,0 +1,1 @@
+"""Training pipeline for MSViT: data loading (`train.data`) and metrics (`train.metrics`)."""
