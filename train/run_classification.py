@@ -185,14 +185,16 @@ def build_model(args: argparse.Namespace, labels: list[str], num_channels: int, 
     return model, processor
 
 
-def random_hflip(pixel_values: torch.Tensor, seed: int) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2, drawn from `seed` only: a resumed run flips the same images."""
-    flip = torch.rand(len(pixel_values), generator=torch.Generator().manual_seed(seed)) < 0.5
+def random_hflip(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2."""
+    flip = torch.rand(len(pixel_values)) < 0.5
     return torch.where(flip.to(pixel_values.device)[:, None, None, None], pixel_values.flip(-1), pixel_values)
 
 
 def step_seed(args: argparse.Namespace, epoch: int, batch_index: int, process_index: int) -> int:
-    return ((args.seed * 1_000_003 + epoch) * 1_000_003 + batch_index) * 64 + process_index
+    """A seed per (run, epoch, batch, process). Every training step re-seeds torch with it, so flips, Gumbel noise,
+    dropout and random split masks depend on nothing else, and a resumed run repeats them exactly."""
+    return (((args.seed * 1_000_003 + epoch) * 1_000_003 + batch_index) * 1_024 + process_index) % 2**63
 
 
 class JsonLinesLogger:
@@ -311,15 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch_index, batch in enumerate(batches, start=skip):
             start = time.perf_counter()
+            torch.manual_seed(step_seed(args, epoch, batch_index, accelerator.process_index))
             with accelerator.accumulate(model):
                 pixel_values = batch["pixel_values"]
                 if not args.no_hflip:
-                    seed = step_seed(args, epoch, batch_index, accelerator.process_index)
-                    pixel_values = random_hflip(pixel_values, seed)
+                    pixel_values = random_hflip(pixel_values)
                 kwargs = {}
                 if grid is not None:
-                    generator = torch.Generator().manual_seed(step_seed(args, epoch, batch_index, 63))
-                    split_mask = forced_split_mask(args.split_policy, len(pixel_values), grid, fine_ratio, generator)
+                    split_mask = forced_split_mask(args.split_policy, len(pixel_values), grid, fine_ratio)
                     if split_mask is not None:
                         kwargs["split_mask"] = split_mask.to(pixel_values.device)
                 outputs = model(pixel_values=pixel_values, labels=batch["labels"], **kwargs)

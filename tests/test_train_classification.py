@@ -1,0 +1,112 @@
+"""The classification training script end to end on tiny real runs (translated Fashion-MNIST subsets)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ViTForImageClassification
+
+from train.data import FASHION_MNIST_DIR
+from train.run_classification import main
+from train.split_policies import centre_prior_order, forced_split_mask
+
+
+needs_data = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (make data, or apt-get install dataset-fashion-mnist)",
+)
+TINY = [
+    "--dataset", "translated_fashion_mnist", "--max_train_samples", "128", "--max_eval_samples", "48",
+    "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "32", "--hidden_size", "32",
+    "--num_hidden_layers", "1", "--num_attention_heads", "2", "--patch_size", "16", "--logging_steps", "2",
+]  # fmt: skip
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@needs_data
+def test_backbone_gate_joint_pipeline(tmp_path):
+    torch.set_num_threads(1)
+    backbone = main([*TINY, "--stage", "backbone", "--max_train_steps", "4", "--output_dir", str(tmp_path / "vit")])
+    assert backbone["validation"]["num_samples"] == 48 and backbone["test"]["num_samples"] == 48
+    assert backbone["validation"]["tokens"] == 1 + 16  # a plain ViT/16 on the 64 px canvas
+    vit_weights = ViTForImageClassification.from_pretrained(tmp_path / "vit" / "model").state_dict()
+
+    gate = main(
+        [*TINY, "--stage", "gate", "--model_name_or_path", str(tmp_path / "vit" / "model"), "--patch_size", "16",
+         "--coarse_patch_size", "32", "--max_train_steps", "4", "--target_fine_ratio", "0.25",
+         "--output_dir", str(tmp_path / "gate")]
+    )  # fmt: skip
+    msvit_weights = load_file(tmp_path / "gate" / "model" / "model.safetensors")
+    for name, tensor in msvit_weights.items():
+        if ".gate" not in name:  # the backbone is frozen in the gate stage
+            assert torch.equal(tensor, vit_weights[name.replace("msvit.", "vit.", 1)]), name
+    gate_changed = any(
+        not torch.equal(tensor, load_file(tmp_path / "gate" / "hub" / "model.safetensors")[name])
+        for name, tensor in msvit_weights.items()
+    )
+    assert not gate_changed  # the Hub folder holds the trained weights
+    assert 1 + 4 <= gate["validation"]["tokens"] <= 1 + 16
+    assert len(gate["validation"]["split_rate_per_position"]) == 4
+    card = (tmp_path / "gate" / "hub" / "README.md").read_text()
+    assert "model-index:" in card and f"{100 * gate['test']['accuracy']:.2f} %" in card
+    assert (tmp_path / "gate" / "gate_maps.png").is_file()
+
+    joint = main(
+        [*TINY, "--stage", "joint", "--model_name_or_path", str(tmp_path / "gate" / "model"), "--max_train_steps", "2",
+         "--learning_rate", "1e-4", "--output_dir", str(tmp_path / "joint"), "--skip_export"]
+    )  # fmt: skip
+    assert joint["steps"] == 2
+    records = read_jsonl(tmp_path / "joint" / "metrics.jsonl")
+    assert [record["step"] for record in records if "loss" in record] == [2]
+    assert {record["split"] for record in records if "split" in record} == {"validation", "test"}
+
+
+@needs_data
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    torch.set_num_threads(1)
+    args = [*TINY, "--stage", "scratch", "--max_train_steps", "6", "--checkpointing_steps", "3", "--skip_test",
+            "--skip_export"]  # fmt: skip
+    main([*args, "--output_dir", str(tmp_path / "straight")])
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step_3"
+    assert checkpoint.is_dir()
+    main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(checkpoint)])
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
+    losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r}
+    resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r}
+    assert resumed_losses.keys() == {4, 6} and abs(resumed_losses[6] - losses[6]) < 1e-6
+
+
+@needs_data
+@pytest.mark.parametrize("policy", ["random", "centre", "all_coarse"])
+def test_forced_split_policies_give_exact_budgets(tmp_path, policy):
+    torch.set_num_threads(1)
+    results = main(
+        [*TINY, "--stage", "scratch", "--patch_size", "8", "--split_policy", policy, "--target_fine_ratio", "0.25",
+         "--max_train_steps", "2", "--skip_test", "--skip_export", "--output_dir", str(tmp_path)]
+    )  # fmt: skip
+    num_split = 0 if policy == "all_coarse" else 4  # 25 % of the 4x4 coarse grid
+    assert results["validation"]["fine_ratio"] == num_split / 16
+    assert results["validation"]["tokens"] == 1 + 16 + 3 * num_split
+
+
+def test_centre_prior_and_random_policies():
+    assert sorted(centre_prior_order((4, 4))[:4].tolist()) == [5, 6, 9, 10]
+    assert centre_prior_order((3, 3))[0].item() == 4
+    mask = forced_split_mask("centre", 2, (4, 4), 0.25)
+    assert mask.sum(1).tolist() == [4, 4] and mask[:, [5, 6, 9, 10]].all()
+    random = forced_split_mask("random", 512, (4, 4), 0.5, torch.Generator().manual_seed(0))
+    assert (
+        random.sum(1).eq(8).all() and 0.3 < random.float().mean(0).min() and random.float().mean(0).max() < 0.7
+    )  # uniform over regions
+    assert forced_split_mask("gate", 2, (4, 4), 0.5) is None
+    assert forced_split_mask("all_fine", 2, (4, 4), 0.1).all()
+    with pytest.raises(ValueError, match="Unknown split policy"):
+        forced_split_mask("learned", 2, (4, 4), 0.5)
