@@ -7,6 +7,7 @@ from transformers import PreTrainedConfig
 
 GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
 TOKEN_PATHS = ("masked", "gathered")
+MASKED_PATH_ATTENTIONS = ("key_mask", "masked_softmax")
 GATE_LOSSES = ("gbas", "bas", "ratio")
 
 # Written into every saved `config.json` so that a plain `save_pretrained` folder loads with
@@ -58,6 +59,11 @@ class MSViTConfig(PreTrainedConfig):
         train_token_path (`str`, *optional*, defaults to `"masked"`):
             Execution path in training: `"masked"` (all candidate tokens, inactive ones masked out of attention) or
             `"gathered"` (only active tokens, padded per batch). Inference always uses the gathered path.
+        masked_path_attention (`str`, *optional*, defaults to `"key_mask"`):
+            How the masked path hides inactive tokens: `"key_mask"` (a boolean key mask; inactive tokens are also
+            multiplied by 0, so the gate hears only from the alternative it chose) or `"masked_softmax"` (DynamicViT's
+            softmax weighted by the straight-through values, which passes gradient through both alternatives;
+            computed in eager mode whatever `attn_implementation` is).
         gate_loss_type (`str`, *optional*, defaults to `"gbas"`):
             The compute-budget loss on the gate's soft split values (see `gate_losses.py`): `"gbas"`, the paper's
             generalized batch-shaping (a learned Relaxed-Bernoulli prior per coarse position, a Gaussian hyperprior
@@ -113,6 +119,7 @@ class MSViTConfig(PreTrainedConfig):
     gate_threshold: float = 0.5
     fine_ratio_budget: float | int | None = None
     train_token_path: str = "masked"
+    masked_path_attention: str = "key_mask"
     gate_loss_type: str = "gbas"
     target_fine_ratio: float | int = 0.5
     gate_loss_weight: float | int = 1.0
@@ -192,6 +199,7 @@ class MSViTConfig(PreTrainedConfig):
         for name, value, allowed in (
             ("gate_input", self.gate_input, GATE_INPUTS),
             ("train_token_path", self.train_token_path, TOKEN_PATHS),
+            ("masked_path_attention", self.masked_path_attention, MASKED_PATH_ATTENTIONS),
             ("gate_loss_type", self.gate_loss_type, GATE_LOSSES),
         ):
             if value not in allowed:

@@ -98,6 +98,7 @@ class MixedScaleTokens:
     token_mask: torch.Tensor
     token_index: torch.Tensor
     attention_mask: torch.Tensor | None
+    key_weights: torch.Tensor | None
     split_mask: torch.Tensor
     split_probs: torch.Tensor
     split_soft: torch.Tensor | None
@@ -253,18 +254,25 @@ class MSViTEmbeddings(nn.Module):
             candidates = candidates.gather(1, index[..., None].expand(-1, -1, candidates.shape[-1]))
 
         tokens = self.embed_patches(candidates, index < num_coarse) + positions[index]
-        if split_values.requires_grad:
+        token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
+        key_weights = None
+        if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":
+            # DynamicViT-style: the straight-through values weight the keys inside the softmax, so the gate also
+            # hears from the alternative it did not choose (inactive tokens keep their values)
+            mask_values = candidate_mask_values(split_values, self.ratio)
+            key_weights = torch.cat([mask_values.new_ones(batch_size, 1), mask_values], dim=1)
+        elif split_values.requires_grad:
             tokens = tokens * candidate_mask_values(split_values, self.ratio).gather(1, index)[..., None]
 
         cls_tokens = (self.cls_token + self.position_embeddings[:, :1]).expand(batch_size, -1, -1)
         embeddings = self.dropout(torch.cat([cls_tokens, tokens.to(cls_tokens.dtype)], dim=1))
-        token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
         all_valid = static_length is not None or (token_path != "masked" and bool(valid.all()))
         return MixedScaleTokens(
             embeddings=embeddings,
             token_mask=token_mask,
             token_index=torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1),
-            attention_mask=None if all_valid else token_mask,
+            attention_mask=None if all_valid or key_weights is not None else token_mask,
+            key_weights=key_weights,
             split_mask=split_mask,
             split_probs=torch.sigmoid(split_logits),
             split_soft=split_soft,
@@ -285,6 +293,31 @@ def eager_attention_forward(
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def masked_softmax_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    key_weights: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicViT's masked softmax: `A_ij = exp(s_ij) w_j / sum_k exp(s_ik) w_k` with per-key weights `w` `(B, L)`.
+
+    With 0/1 weights it equals a softmax over the keys of weight 1; with straight-through weights its gradient reaches
+    the weights of every key, including those of weight 0.
+    """
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = (scores - scores.amax(dim=-1, keepdim=True).detach()).float()
+    attn_weights = scores.exp() * key_weights[:, None, None, :].float()
+    attn_weights = (attn_weights / (attn_weights.sum(dim=-1, keepdim=True) + 1e-6)).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
@@ -315,6 +348,8 @@ class MSViTAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if kwargs.get("key_weights") is not None:
+            attention_interface = masked_softmax_attention_forward
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -575,6 +610,8 @@ class MSViTModel(MSViTPreTrainedModel):
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
         hidden_states = tokens.embeddings
+        if tokens.key_weights is not None:
+            kwargs["key_weights"] = tokens.key_weights
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=tokens.attention_mask
         )

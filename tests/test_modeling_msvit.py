@@ -277,3 +277,37 @@ def _tiny_vit():
     config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                        intermediate_size=37, num_labels=5)  # fmt: skip
     return ViTForImageClassification(config)
+
+
+def test_masked_softmax_path_equals_key_mask_forward_and_reaches_inactive_tokens(pixel_values):
+    key_mask = MSViTForImageClassification(tiny_config(gate_loss_weight=0.0)).eval()
+    soft = MSViTForImageClassification(tiny_config(gate_loss_weight=0.0, masked_path_attention="masked_softmax"))
+    soft.load_state_dict(key_mask.state_dict())
+    soft.eval()
+    split_mask = random_split_masks(8)
+    expected = key_mask(pixel_values, split_mask=split_mask, token_path="masked").logits
+    assert (soft(pixel_values, split_mask=split_mask, token_path="masked").logits - expected).abs().max() <= 1e-5
+    assert (soft(pixel_values).logits - key_mask(pixel_values).logits).abs().max() <= 1e-5  # gathered: unchanged
+
+    # in training, the gate's gradient also comes from the inactive alternative: capture d loss / d split values
+    def gate_gradient(model):
+        model.train()
+        captured = {}
+        embeddings = model.msvit.embeddings
+        original = embeddings.decide
+
+        def decide(split_logits, split_mask):
+            values, hard, soft_values = original(split_logits, split_mask)
+            values.retain_grad()
+            captured["values"] = values
+            return values, hard, soft_values
+
+        embeddings.decide = decide
+        torch.manual_seed(3)
+        model(pixel_values, labels=torch.arange(8) % 5).loss.backward()
+        embeddings.decide = original
+        return captured["values"].grad
+
+    assert gate_gradient(soft).abs().sum() > 0
+    with pytest.raises(ValueError, match="masked_path_attention"):
+        tiny_config(masked_path_attention="soft")
