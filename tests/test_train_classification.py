@@ -110,3 +110,22 @@ def test_centre_prior_and_random_policies():
     assert forced_split_mask("all_fine", 2, (4, 4), 0.1).all()
     with pytest.raises(ValueError, match="Unknown split policy"):
         forced_split_mask("learned", 2, (4, 4), 0.5)
+
+
+@needs_data
+def test_pipeline_writes_a_consistent_report(tmp_path):
+    from train.pipeline import main as pipeline
+
+    torch.set_num_threads(1)
+    report = pipeline(
+        ["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "32", "--hidden_size",
+         "32", "--depth", "1", "--heads", "2", "--batch_size", "32", "--backbone_epochs", "1", "--gate_epochs", "1",
+         "--joint_epochs", "1", "--timing_images", "64", "--timing_repeats", "2"]
+    )  # fmt: skip
+    assert report["vit"]["tokens"] == 65
+    assert 17 <= report["msvit"]["tokens"] <= 65
+    assert report["msvit"]["gmacs_vs_vit"] == pytest.approx(report["msvit"]["gmacs"] / report["vit"]["gmacs"])
+    assert set(report["images_per_second"]) == {"vit", "msvit_all_fine", "msvit"}
+    assert (tmp_path / "report.md").read_text().count("|") > 20
+    assert (tmp_path / "joint" / "hub" / "model.safetensors").is_file()
+    assert (tmp_path / "joint" / "gate_maps.png").is_file()
