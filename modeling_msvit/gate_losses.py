@@ -94,7 +94,8 @@ class MSViTGateLoss(nn.Module):
             # stored as logit(mu_k) and log(tau_k): unconstrained parameters for valid priors
             self.prior_mean_logits = nn.Parameter(torch.zeros(self.num_coarse))
             self.prior_log_temperatures = nn.Parameter(torch.zeros(self.num_coarse))
-            self.hyperprior_log_std = nn.Parameter(torch.zeros(()), requires_grad=config.gbas_hyperprior_learnable)
+            # shape (1,), not a scalar: FSDP2 cannot shard 0-d parameters
+            self.hyperprior_log_std = nn.Parameter(torch.zeros(1), requires_grad=config.gbas_hyperprior_learnable)
 
     @property
     def prior_means(self) -> torch.Tensor:

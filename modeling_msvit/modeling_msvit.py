@@ -133,8 +133,9 @@ class MSViTGate(nn.Module):
         sizes = [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
         self.layers.append(nn.Linear(sizes[-1], 1, bias=False))
-        # the output bias is the gate's prior split logit, initialised at logit(target_fine_ratio)
-        self.split_logit_bias = nn.Parameter(torch.zeros(()))
+        # the output bias is the gate's prior split logit, initialised at logit(target_fine_ratio); shape (1,) because
+        # FSDP2 cannot shard 0-d parameters
+        self.split_logit_bias = nn.Parameter(torch.zeros(1))
         self.activation = nn.GELU()
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
@@ -407,6 +408,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # the gate loss is a per-batch mean: Trainer must average micro-batch losses, not rescale by `num_items_in_batch`
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -90,7 +90,7 @@ def test_gbas_total_is_data_plus_hyperprior_plus_temperature_terms():
     # initialised at the target, with the configured prior temperature and hyperprior std
     torch.testing.assert_close(criterion.prior_means, torch.full((16,), 0.25))
     torch.testing.assert_close(criterion.prior_temperatures, torch.full((16,), 0.5))
-    torch.testing.assert_close(criterion.hyperprior_log_std.exp(), torch.tensor(0.2))
+    torch.testing.assert_close(criterion.hyperprior_log_std.exp(), torch.tensor([0.2]))
     assert not criterion.hyperprior_log_std.requires_grad
 
     split_soft = torch.rand(6, 16)

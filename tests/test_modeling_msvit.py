@@ -263,11 +263,11 @@ def test_flex_attention_equals_eager_at_inference(pixel_values):
 def test_gate_starts_at_the_target_fine_ratio(target):
     model = MSViTForImageClassification(tiny_config(target_fine_ratio=target))
     torch.testing.assert_close(
-        torch.sigmoid(model.msvit.embeddings.gate.split_logit_bias), torch.tensor(target), rtol=0, atol=1e-6
+        torch.sigmoid(model.msvit.embeddings.gate.split_logit_bias), torch.tensor([target]), rtol=0, atol=1e-6
     )
     converted = MSViTForImageClassification.from_vit(_tiny_vit(), target_fine_ratio=target)
     torch.testing.assert_close(
-        torch.sigmoid(converted.msvit.embeddings.gate.split_logit_bias), torch.tensor(target), rtol=0, atol=1e-6
+        torch.sigmoid(converted.msvit.embeddings.gate.split_logit_bias), torch.tensor([target]), rtol=0, atol=1e-6
     )
 
 

@@ -24,12 +24,13 @@ Writes to `--output_dir`: `metrics.jsonl` (one JSON object per log step and eval
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -45,6 +46,8 @@ from modeling_msvit import MSViTConfig, MSViTForImageClassification
 from train.data import class_names, collate_fn, load_classification_splits, make_transforms
 from train.evaluation import evaluate_classifier, is_msvit
 from train.metrics import load_metric
+from train.recipes import load_recipe
+from train.reporting import export_trained_msvit
 from train.split_policies import SPLIT_POLICIES, forced_split_mask
 
 
@@ -55,6 +58,7 @@ MSVIT_OVERRIDES = ("target_fine_ratio", "gate_loss_type", "gate_loss_weight", "t
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    add("--config", help="A training recipe (configuration/training/*.yaml); flags given here override its values.")
     add("--stage", choices=STAGES, required=True, help="What to train (see the module docstring).")
     add(
         "--model_name_or_path", help="Starting point: a ViT folder (backbone, gate, joint) or an MSViT folder (joint)."
@@ -104,7 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--per_device_eval_batch_size", type=int, default=256, help="Batch size per process in evaluation.")
     add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimisation step.")
     add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    add("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Mixed precision mode.")
+    add(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        help="Mixed precision mode (default: the `accelerate launch` config's, else no).",
+    )
     add("--seed", type=int, default=0, help="Seed of everything: weights, data order, flips, Gumbel noise.")
     # bookkeeping
     add("--logging_steps", type=int, default=20, help="Log training metrics every N steps.")
@@ -115,7 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--num_gate_map_images", type=int, default=8, help="Validation images drawn in gate_maps.png (MSViT).")
     add("--skip_test", action="store_true", help="Do not evaluate on the test split at the end.")
     add("--skip_export", action="store_true", help="Do not write the Hub folder and gate maps.")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--config")
+    config = recipe.parse_known_args(argv)[0].config
+    args = parser.parse_args((load_recipe(config) if config else []) + argv)  # later flags win
     if args.stage in ("gate", "joint") and not args.model_name_or_path:
         parser.error(f"--stage {args.stage} needs --model_name_or_path.")
     if args.split_policy != "gate" and args.stage in ("backbone", "gate"):
@@ -326,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
                 outputs = model(pixel_values=pixel_values, labels=batch["labels"], **kwargs)
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    # the prepared model's parameters: FSDP2 replaces them, and frozen ones have no gradient
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -380,14 +393,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_test:
         results["test"] = evaluate("test")
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # on every process: gathers FSDP shards
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir / "model", save_function=accelerator.save)
+        unwrapped.save_pretrained(output_dir / "model", state_dict=state_dict, save_function=accelerator.save)
         processor.save_pretrained(output_dir / "model")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         if is_msvit(unwrapped) and not args.skip_export:
-            from train.reporting import export_trained_msvit
-
+            if accelerator.distributed_type == DistributedType.FSDP:  # a sharded model cannot run on one process
+                unwrapped = type(unwrapped).from_pretrained(output_dir / "model")
             export_trained_msvit(unwrapped, processor, dataset["validation"], results, output_dir, args)
     accelerator.end_training()
     return results
