@@ -82,6 +82,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r}
     resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r}
     assert resumed_losses.keys() == {4, 6} and abs(resumed_losses[6] - losses[6]) < 1e-6
+    # a fresh run into the same folder starts its log anew; a resumed one appends
+    main([*args, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r] == [2]
 
 
 @needs_data

@@ -52,7 +52,14 @@ from train.split_policies import SPLIT_POLICIES, forced_split_mask
 
 
 STAGES = ("backbone", "gate", "joint", "scratch")
-MSVIT_OVERRIDES = ("target_fine_ratio", "gate_loss_type", "gate_loss_weight", "train_token_path")
+MSVIT_OVERRIDES = (
+    "target_fine_ratio",
+    "gate_loss_type",
+    "gate_loss_weight",
+    "gate_temperature",
+    "train_token_path",
+    "masked_path_attention",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gate_loss_type", choices=("gbas", "bas", "ratio"), help="MSViT: compute-budget loss.")
     add("--gate_loss_weight", type=float, help="MSViT: weight of the gate loss.")
     add("--train_token_path", choices=("masked", "gathered"), help="MSViT: execution path in training.")
+    add(
+        "--masked_path_attention",
+        choices=("key_mask", "masked_softmax"),
+        help="MSViT: how the masked path hides inactive tokens (masked_softmax: DynamicViT's, gradient from both).",
+    )
+    add("--gate_temperature", type=float, help="MSViT: Gumbel-sigmoid temperature in training.")
     add("--separate_coarse_embedding", action="store_true", help="MSViT ablation: own coarse patch embedding.")
     add("--split_policy", choices=SPLIT_POLICIES, default="gate", help="Who decides the splits (baselines).")
     add("--gate_threshold", type=float, help="MSViT: inference threshold on the split probability.")
@@ -210,8 +223,12 @@ def step_seed(args: argparse.Namespace, epoch: int, batch_index: int, process_in
 
 
 class JsonLinesLogger:
-    def __init__(self, path: Path, enabled: bool):
+    """Appends one JSON object per line; a fresh (not resumed) run starts the file anew."""
+
+    def __init__(self, path: Path, enabled: bool, resume: bool):
         self.path, self.enabled = path, enabled
+        if enabled and not resume:
+            path.write_text("")
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -287,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
         completed_steps = int(Path(args.resume_from_checkpoint).name.removeprefix("step_"))
         batches_done = completed_steps * args.gradient_accumulation_steps
         starting_epoch, resume_batches = divmod(batches_done, len(train_dataloader))
-    logger = JsonLinesLogger(output_dir / "metrics.jsonl", accelerator.is_main_process)
+    logger = JsonLinesLogger(
+        output_dir / "metrics.jsonl", accelerator.is_main_process, bool(args.resume_from_checkpoint)
+    )
     metric = load_metric("accuracy")
     unwrapped = accelerator.unwrap_model(model)
     grid = getattr(unwrapped.config, "coarse_grid_size", None)
