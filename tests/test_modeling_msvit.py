@@ -311,3 +311,20 @@ def test_masked_softmax_path_equals_key_mask_forward_and_reaches_inactive_tokens
     assert gate_gradient(soft).abs().sum() > 0
     with pytest.raises(ValueError, match="masked_path_attention"):
         tiny_config(masked_path_attention="soft")
+
+
+@pytest.mark.parametrize("token_path", ["masked", "gathered"])
+def test_one_optimizer_step_lowers_the_loss(pixel_values, token_path):
+    model = MSViTForImageClassification(tiny_config(train_token_path=token_path)).train()
+    labels = torch.arange(8) % 5
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def loss():
+        torch.manual_seed(7)  # the same Gumbel noise for both evaluations
+        return model(pixel_values, labels=labels).loss
+
+    before = loss()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert loss() < before
