@@ -132,3 +132,27 @@ def test_pipeline_writes_a_consistent_report(tmp_path):
     assert (tmp_path / "report.md").read_text().count("|") > 20
     assert (tmp_path / "joint" / "hub" / "model.safetensors").is_file()
     assert (tmp_path / "joint" / "gate_maps.png").is_file()
+
+
+@needs_data
+def test_evidence_runs_resume_and_summarise(tmp_path):
+    from train.evidence import experiments, parse_args
+    from train.evidence import main as evidence
+
+    torch.set_num_threads(1)
+    tiny = ["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "32", "--hidden_size",
+            "32", "--depth", "1", "--heads", "2", "--backbone_epochs", "1", "--gate_epochs", "1", "--finetune_epochs",
+            "1", "--timing_images", "32", "--timing_repeats", "1"]  # fmt: skip
+    names = set(experiments(parse_args(tiny)))
+    assert {"vit-p8", "vit-p16", "vit-p8-32px", "msvit-0.25", "random-0.5", "centre-0.75", "all-coarse"} <= names
+    rows = evidence([*tiny, "--only", "vit-p8", "random-0.25", "all-coarse"])
+    by_name = {row["name"]: row for row in rows}
+    assert set(by_name) == {"vit-p8", "random-0.25", "all-coarse"}
+    assert by_name["random-0.25"]["tokens"] == 1 + 16 + 3 * 4 and by_name["all-coarse"]["tokens"] == 17
+    assert by_name["vit-p8"]["throughput_vs_vit_p8"] == 1.0
+    assert (tmp_path / "table.md").read_text().count("\n| ") == 4 and (tmp_path / "accuracy_vs_gmacs.png").is_file()
+    mtime = (tmp_path / "vit-p8" / "results.json").stat().st_mtime
+    evidence([*tiny, "--only", "vit-p8"])  # finished runs are skipped
+    assert (tmp_path / "vit-p8" / "results.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="Unknown experiments"):
+        evidence([*tiny, "--only", "vit-p4"])

@@ -1,0 +1,225 @@
+"""The evidence runs on Translated Fashion-MNIST 64x64: every model of the results table, then the table and the plot.
+
+    python -m train.evidence --output_dir results/evidence            # hours on 2 CPU cores; resumable
+    python -m train.evidence --output_dir results/evidence --only vit-p8 vit-p16
+
+Each run is `train/run_classification.py` with the arguments listed in `experiments()`, written to
+`<output_dir>/<name>/`; a run whose `results.json` exists is skipped, so the command can be stopped and started
+again. Fine patch 8 / coarse 16 (8x8 fine, 4x4 coarse grid), width 128, depth 4, 4 heads, batch 128, AdamW with
+warm-up and cosine decay, one seed. The shared backbone is the fine ViT (`vit-p8`); every model on it gets the same
+fine-tuning (`--finetune_epochs` at learning rate 2e-4). At the end, `table.md`, `table.json` and
+`accuracy_vs_gmacs.png` summarise the test results, with inference throughput measured side by side in one process
+(median of interleaved repetitions) relative to the fine ViT.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
+from train.data import load_classification_splits, make_transforms
+from train.run_classification import main as run_classification
+
+
+RATIOS = (0.25, 0.5, 0.75)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--output_dir", default="results/evidence", help="Folder of all runs and the summary.")
+    add("--backbone_epochs", type=int, default=20, help="Epochs of every model trained from scratch.")
+    add("--gate_epochs", type=int, default=2, help="Epochs of gate training on the frozen backbone.")
+    add("--finetune_epochs", type=int, default=5, help="Epochs of the shared fine-tuning on the backbone.")
+    add("--max_train_samples", type=int, help="Train on a subset (smoke tests).")
+    add("--max_eval_samples", type=int, help="Evaluate on subsets (smoke tests).")
+    add("--hidden_size", type=int, default=128, help="Width of every model.")
+    add("--depth", type=int, default=4, help="Depth of every model.")
+    add("--heads", type=int, default=4, help="Attention heads of every model.")
+    add("--seed", type=int, default=0, help="Seed of every run.")
+    add("--only", nargs="*", help="Run only these experiments (and summarise what exists).")
+    add("--timing_images", type=int, default=1024, help="Test images of the throughput comparison.")
+    add("--timing_repeats", type=int, default=5, help="Interleaved timing repetitions (median reported).")
+    return parser.parse_args(argv)
+
+
+def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Name -> run_classification arguments, in dependency order."""
+    out = Path(args.output_dir)
+    model = lambda name: str(out / name / "model")  # noqa: E731
+    from_scratch = ["--num_train_epochs", str(args.backbone_epochs), "--learning_rate", "1e-3"]
+    backbone = ["--stage", "backbone", *from_scratch]
+    finetune = ["--num_train_epochs", str(args.finetune_epochs), "--learning_rate", "2e-4"]
+    runs = {
+        "vit-p8": [*backbone, "--patch_size", "8"],
+        "vit-p16": [*backbone, "--patch_size", "16"],
+        "vit-p8-32px": [*backbone, "--patch_size", "8", "--image_size", "32"],
+        "all-fine": ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", "all_fine",
+                     *finetune],
+        "all-coarse": ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", "all_coarse",
+                       *finetune],
+    }  # fmt: skip
+    for ratio in RATIOS:
+        target = ["--target_fine_ratio", str(ratio)]
+        runs[f"gate-{ratio}"] = [
+            "--stage", "gate", "--model_name_or_path", model("vit-p8"), *target,
+            "--num_train_epochs", str(args.gate_epochs), "--learning_rate", "1e-3",
+        ]  # fmt: skip
+        runs[f"msvit-{ratio}"] = ["--stage", "joint", "--model_name_or_path", model(f"gate-{ratio}"), *finetune]
+        for policy in ("random", "centre"):
+            runs[f"{policy}-{ratio}"] = [
+                "--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", policy, *target,
+                *finetune,
+            ]  # fmt: skip
+        runs[f"scratch-{ratio}"] = ["--stage", "scratch", *from_scratch, "--patch_size", "8", *target]
+    for name, extra in {
+        "bas": ["--gate_loss_type", "bas"],
+        "ratio-loss": ["--gate_loss_type", "ratio"],
+        "masked-softmax": ["--masked_path_attention", "masked_softmax"],
+        "gathered-training": ["--train_token_path", "gathered"],
+    }.items():
+        runs[f"gate-0.5-{name}"] = [*runs["gate-0.5"], *extra]
+        runs[f"msvit-0.5-{name}"] = ["--stage", "joint", "--model_name_or_path", model(f"gate-0.5-{name}"), *finetune]
+    runs["scratch-0.5-separate-coarse"] = [*runs["scratch-0.5"], "--separate_coarse_embedding"]
+    return runs
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+    common = [
+        "--dataset", "translated_fashion_mnist", "--hidden_size", str(args.hidden_size),
+        "--num_hidden_layers", str(args.depth), "--num_attention_heads", str(args.heads),
+        "--per_device_train_batch_size", "128", "--seed", str(args.seed), "--logging_steps", "50",
+    ]  # fmt: skip
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name):
+            common += [f"--{name}", str(getattr(args, name))]
+    return common
+
+
+@torch.no_grad()
+def relative_throughput(
+    folders: dict[str, Path], budgets: dict[str, float], args: argparse.Namespace, reference: str
+) -> dict[str, float]:
+    """Inference images/s of every model over the same test images, interleaved, relative to `reference`.
+
+    `budgets` gives a fixed fine ratio for MSViTs trained with forced decisions (random, centre, all-coarse,
+    all-fine), so that they are timed with the token counts they were evaluated with."""
+    test = load_classification_splits("translated_fashion_mnist", seed=args.seed, max_eval_samples=args.timing_images)
+    inputs, models = {}, {}
+    for name, folder in folders.items():
+        models[name] = AutoModelForImageClassification.from_pretrained(folder).eval()
+        if name in budgets:
+            models[name].config.fine_ratio_budget = budgets[name]
+        processor = AutoImageProcessor.from_pretrained(folder)
+        transform = make_transforms(processor, train=False, num_channels=models[name].config.num_channels)
+        inputs[name] = test["test"].with_transform(transform)[: len(test["test"])]["pixel_values"]
+    seconds = {name: [] for name in models}
+    for repeat in range(args.timing_repeats + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for batch in inputs[name].split(128):
+                model(batch)
+            if repeat:
+                seconds[name].append(time.perf_counter() - start)
+    reference_time = statistics.median(seconds[reference])
+    return {name: reference_time / statistics.median(values) for name, values in seconds.items()}
+
+
+def summarise(args: argparse.Namespace) -> list[dict]:
+    out = Path(args.output_dir)
+    done = {path.parent.name: json.loads(path.read_text()) for path in sorted(out.glob("*/results.json"))}
+    rows = []
+    for name, results in done.items():
+        test = results.get("test") or results["validation"]
+        config = AutoConfig.from_pretrained(out / name / "model")
+        rows.append({
+            "name": name,
+            "stage": results["stage"],
+            "split_policy": results["split_policy"],
+            "target_fine_ratio": getattr(config, "target_fine_ratio", None) if config.model_type == "msvit" else None,
+            "test_accuracy": test["accuracy"],
+            "gmacs": test["gmacs"],
+            "tokens": test["tokens"],
+            "fine_ratio": test.get("fine_ratio"),
+            "validation_curve": results["validation_curve"],
+        })  # fmt: skip
+    if "vit-p8" in done:
+        budgets = {
+            row["name"]: row["fine_ratio"]
+            for row in rows
+            if row["split_policy"] != "gate" and row["fine_ratio"] is not None
+        }
+        speed = relative_throughput(
+            {row["name"]: out / row["name"] / "model" for row in rows}, budgets, args, "vit-p8"
+        )
+        for row in rows:
+            row["throughput_vs_vit_p8"] = speed[row["name"]]
+    (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        f"Translated Fashion-MNIST 64x64, test set ({args.max_eval_samples or 10000} images), seed {args.seed}, "
+        f"width {args.hidden_size}, depth {args.depth}. Throughput: inference, batch 128, "
+        f"{torch.get_num_threads()} CPU threads, median of {args.timing_repeats} interleaved repetitions.",
+        "",
+        "| model | test top-1 | GMACs / image | tokens / image | fine ratio | throughput vs ViT/8 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        fine = "" if row["fine_ratio"] is None else f"{row['fine_ratio']:.2f}"
+        speed = f"{row['throughput_vs_vit_p8']:.2f}x" if "throughput_vs_vit_p8" in row else ""
+        lines.append(
+            f"| {row['name']} | {100 * row['test_accuracy']:.2f} % | {row['gmacs']:.4f} | {row['tokens']:.1f} | "
+            f"{fine} | {speed} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "accuracy_vs_gmacs.png")
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    families = {"vit": "black", "msvit": "tab:orange", "random": "tab:blue", "centre": "tab:green",
+                "scratch": "tab:red", "all": "tab:gray", "gate": "tab:purple"}  # fmt: skip
+    for row in rows:
+        family = next((key for key in families if row["name"].startswith(key)), "all")
+        axes.scatter(row["gmacs"], 100 * row["test_accuracy"], color=families[family])
+        axes.annotate(row["name"], (row["gmacs"], 100 * row["test_accuracy"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")  # fmt: skip
+    axes.set_xlabel("GMACs per image (measured average)")
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_title("Translated Fashion-MNIST 64x64")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    runs = experiments(args)
+    unknown = set(args.only or []) - set(runs)
+    if unknown:
+        raise ValueError(f"Unknown experiments {sorted(unknown)}; known: {', '.join(runs)}.")
+    for name, run_args in runs.items():
+        if args.only and name not in args.only:
+            continue
+        if (out / name / "results.json").is_file():
+            print(f"== {name}: done, skipped")
+            continue
+        print(f"== {name}")
+        run_classification([*common_args(args), *run_args, "--output_dir", str(out / name), "--skip_export"])
+    return summarise(args)
+
+
+if __name__ == "__main__":
+    main()
