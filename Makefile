@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-requirements
 
-.PHONY: demo test lint data clean
+.PHONY: demo test lint data pipeline evidence clean
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP) data
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+
+# The end-to-end training job (about 9 minutes) and the evidence runs (hours; resumable).
+pipeline: $(STAMP) data
+	HF_HUB_OFFLINE=1 $(PYTHON) -m train.pipeline
+
+evidence: $(STAMP) data
+	HF_HUB_OFFLINE=1 $(PYTHON) -m train.evidence --output_dir results/evidence
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
