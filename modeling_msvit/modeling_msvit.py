@@ -239,6 +239,7 @@ class MSViTEmbeddings(nn.Module):
         coarse_patches = downscaled_coarse_patches(pixel_values, self.patch_size, self.ratio)
         num_coarse = coarse_patches.shape[1]
         split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
+        budgeted = split_mask is None and not self.training and self.config.fine_ratio_budget is not None
         split_values, split_mask, split_soft = self.decide(split_logits, split_mask)
 
         candidates = torch.cat([coarse_patches, fine_patches_by_parent(pixel_values, self.patch_size, self.ratio)], 1)
@@ -248,7 +249,7 @@ class MSViTEmbeddings(nn.Module):
             index = torch.arange(candidates.shape[1], device=candidates.device).expand(batch_size, -1)
             valid = candidate_active_mask(split_mask, self.ratio)
         else:
-            if split_soft is None and not self.training and self.config.fine_ratio_budget is not None:
+            if budgeted:
                 # fixed budget: every image has the same length, known without looking at the data
                 static_length = num_coarse + (self.ratio**2 - 1) * self.num_split_in_budget(num_coarse)
             index, valid = gathered_token_index(split_mask, self.ratio, static_length)

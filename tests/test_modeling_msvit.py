@@ -328,3 +328,23 @@ def test_one_optimizer_step_lowers_the_loss(pixel_values, token_path):
     optimizer.step()
     with torch.no_grad():
         assert loss() < before
+
+
+def test_fixed_budget_sequence_length_is_static(config, pixel_values, monkeypatch):
+    from modeling_msvit import modeling_msvit
+
+    lengths = []
+    original = modeling_msvit.gathered_token_index
+
+    def recording(split_mask, ratio, length=None):
+        lengths.append(length)
+        return original(split_mask, ratio, length)
+
+    monkeypatch.setattr(modeling_msvit, "gathered_token_index", recording)
+    model = MSViTForImageClassification(config).eval()
+    model(pixel_values)
+    model.config.fine_ratio_budget = 0.5
+    outputs = model.msvit(pixel_values)
+    # threshold mode pads to the longest image (found from the data); budget mode knows the length beforehand
+    assert lengths == [None, NUM_COARSE + 3 * 8]
+    assert outputs.token_mask.all() and outputs.last_hidden_state.shape[1] == 1 + NUM_COARSE + 3 * 8
