@@ -1,6 +1,7 @@
 """The classification training script end to end on tiny real runs (translated Fashion-MNIST subsets)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -68,21 +69,29 @@ def test_backbone_gate_joint_pipeline(tmp_path):
 @needs_data
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
     torch.set_num_threads(1)
+    # 128 images in batches of 32: 4 steps per epoch, validation after steps 4 and 6
     args = [*TINY, "--stage", "scratch", "--max_train_steps", "6", "--checkpointing_steps", "3", "--skip_test",
             "--skip_export"]  # fmt: skip
-    main([*args, "--output_dir", str(tmp_path / "straight")])
-    checkpoint = tmp_path / "straight" / "checkpoints" / "step_3"
-    assert checkpoint.is_dir()
-    main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(checkpoint)])
-    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
-    losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r}
-    resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r}
-    assert resumed_losses.keys() == {4, 6} and abs(resumed_losses[6] - losses[6]) < 1e-6
-    # a fresh run into the same folder starts its log anew; a resumed one appends
+    straight = main([*args, "--output_dir", str(tmp_path / "straight")])
+    # an interrupted run: its folder as it was, resumed from the checkpoint before the end
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("model", "*.json"))
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_3"
+    resumed = main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(checkpoint)])
+    straight_weights = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert straight_weights.keys() == resumed_weights.keys()
+    for name in straight_weights:
+        torch.testing.assert_close(resumed_weights[name], straight_weights[name], rtol=0, atol=1e-6)
+    # the log keeps the records up to the checkpoint and the resumed run writes the rest once
+    records = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [(r["step"], r.get("split", "train")) for r in records] == [
+        (2, "train"), (4, "train"), (4, "validation"), (6, "train"), (6, "validation")
+    ]  # fmt: skip
+    straight_records = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert abs(records[3]["loss"] - straight_records[3]["loss"]) < 1e-6
+    assert [r["step"] for r in resumed["validation_curve"]] == [4, 6]
+    assert resumed["validation"]["accuracy"] == straight["validation"]["accuracy"]
+    # a fresh run into the same folder starts its log anew
     main([*args, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r] == [2]
 

@@ -4,12 +4,12 @@
     python -m train.evidence --output_dir results/evidence --only vit-p8 vit-p16
 
 Each run is `train/run_classification.py` with the arguments listed in `experiments()`, written to
-`<output_dir>/<name>/`; a run whose `results.json` exists is skipped, so the command can be stopped and started
-again. Fine patch 8 / coarse 16 (8x8 fine, 4x4 coarse grid), width 128, depth 4, 4 heads, batch 128, AdamW with
-warm-up and cosine decay, one seed. The shared backbone is the fine ViT (`vit-p8`); every model on it gets the same
-fine-tuning (`--finetune_epochs` at learning rate 2e-4). At the end, `table.md`, `table.json` and
-`accuracy_vs_gmacs.png` summarise the test results, with inference throughput measured side by side in one process
-(median of interleaved repetitions) relative to the fine ViT.
+`<output_dir>/<name>/`; a run whose `results.json` exists is skipped and an interrupted one resumes from its last
+checkpoint, so the command can be stopped and started again. Fine patch 8 / coarse 16 (8x8 fine, 4x4 coarse
+grid), width 128, depth 4, 4 heads, batch 128, AdamW with warm-up and cosine decay, one seed. The shared backbone
+is the fine ViT (`vit-p8`); every model on it gets the same fine-tuning (`--finetune_epochs` at learning rate
+2e-4). At the end, `table.md`, `table.json` and `accuracy_vs_gmacs.png` summarise the test results, with inference
+throughput measured side by side in one process (median of interleaved repetitions) relative to the fine ViT.
 """
 
 import argparse
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--depth", type=int, default=4, help="Depth of every model.")
     add("--heads", type=int, default=4, help="Attention heads of every model.")
     add("--seed", type=int, default=0, help="Seed of every run.")
+    add("--checkpointing_steps", type=int, default=430, help="Checkpoint every N steps; an interrupted run resumes.")
     add("--only", nargs="*", help="Run only these experiments (and summarise what exists).")
     add("--timing_images", type=int, default=1024, help="Test images of the throughput comparison.")
     add("--timing_repeats", type=int, default=5, help="Interleaved timing repetitions (median reported).")
@@ -94,6 +95,7 @@ def common_args(args: argparse.Namespace) -> list[str]:
         "--dataset", "translated_fashion_mnist", "--hidden_size", str(args.hidden_size),
         "--num_hidden_layers", str(args.depth), "--num_attention_heads", str(args.heads),
         "--per_device_train_batch_size", "128", "--seed", str(args.seed), "--logging_steps", "50",
+        "--checkpointing_steps", str(args.checkpointing_steps),
     ]  # fmt: skip
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(args, name):
@@ -216,8 +218,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if (out / name / "results.json").is_file():
             print(f"== {name}: done, skipped")
             continue
-        print(f"== {name}")
-        run_classification([*common_args(args), *run_args, "--output_dir", str(out / name), "--skip_export"])
+        checkpoints = sorted((out / name / "checkpoints").glob("step_*"), key=lambda path: int(path.name[5:]))
+        resume = ["--resume_from_checkpoint", str(checkpoints[-1])] if checkpoints else []
+        print(f"== {name}" + (f" (resuming from {checkpoints[-1].name})" if checkpoints else ""))
+        run_classification([*common_args(args), *run_args, *resume, "--output_dir", str(out / name), "--skip_export"])
     return summarise(args)
 
 

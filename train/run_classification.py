@@ -223,12 +223,21 @@ def step_seed(args: argparse.Namespace, epoch: int, batch_index: int, process_in
 
 
 class JsonLinesLogger:
-    """Appends one JSON object per line; a fresh (not resumed) run starts the file anew."""
+    """Appends one JSON object per line. A fresh run starts the file anew; a run resumed at step N keeps the records
+    up to step N (those after it are repeated by the resumed run) and hands back its validation records."""
 
-    def __init__(self, path: Path, enabled: bool, resume: bool):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
-        if enabled and not resume:
-            path.write_text("")
+        self.kept = []
+        if resume_step is not None and path.is_file():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.kept = [record for record in records if record["step"] <= resume_step]
+        if enabled:
+            path.write_text("".join(json.dumps(record) + "\n" for record in self.kept))
+
+    @property
+    def validation_history(self) -> list[dict]:
+        return [record for record in self.kept if record.get("split") == "validation"]
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -305,13 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
         batches_done = completed_steps * args.gradient_accumulation_steps
         starting_epoch, resume_batches = divmod(batches_done, len(train_dataloader))
     logger = JsonLinesLogger(
-        output_dir / "metrics.jsonl", accelerator.is_main_process, bool(args.resume_from_checkpoint)
+        output_dir / "metrics.jsonl",
+        accelerator.is_main_process,
+        completed_steps if args.resume_from_checkpoint else None,
     )
     metric = load_metric("accuracy")
     unwrapped = accelerator.unwrap_model(model)
     grid = getattr(unwrapped.config, "coarse_grid_size", None)
     fine_ratio = getattr(unwrapped.config, "target_fine_ratio", 0.5)
-    history = []
+    history = logger.validation_history
 
     def evaluate(split: str) -> dict:
         results = evaluate_classifier(
