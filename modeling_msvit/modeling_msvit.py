@@ -128,15 +128,26 @@ class MSViTPatchEmbeddings(nn.Module):
 class MSViTGate(nn.Module):
     """The gate: a small MLP that reads one coarse region and outputs the logit of splitting it."""
 
-    def __init__(self, config: MSViTConfig, input_size: int):
+    def __init__(self, config: MSViTConfig):
         super().__init__()
-        sizes = [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
-        self.layers.append(nn.Linear(sizes[-1], 1, bias=False))
+        sizes = self.layer_sizes(config)
+        self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]))
+        self.layers.append(nn.Linear(sizes[-2], 1, bias=False))
         # the output bias is the gate's prior split logit, initialised at logit(target_fine_ratio); shape (1,) because
         # FSDP2 cannot shard 0-d parameters
         self.split_logit_bias = nn.Parameter(torch.zeros(1))
         self.activation = nn.GELU()
+
+    @staticmethod
+    def layer_sizes(config: MSViTConfig) -> list[int]:
+        """Input, hidden and output sizes of the MLP, from what the gate reads (`config.gate_input`)."""
+        if config.gate_input == "pixels":
+            input_size = config.num_channels * config.coarse_patch_size**2
+        elif config.gate_input == "coarse_embedding":
+            input_size = config.hidden_size
+        else:
+            input_size = config.num_channels * config.patch_size**2
+        return [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         hidden_states = regions
@@ -164,16 +175,8 @@ class MSViTEmbeddings(nn.Module):
         self.coarse_patch_embeddings = MSViTPatchEmbeddings(config) if config.separate_coarse_embedding else None
         fine_height, fine_width = config.fine_grid_size
         self.position_embeddings = nn.Parameter(torch.randn(1, 1 + fine_height * fine_width, config.hidden_size))
-        self.gate = MSViTGate(config, self.gate_input_size(config))
+        self.gate = MSViTGate(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    @staticmethod
-    def gate_input_size(config: MSViTConfig) -> int:
-        if config.gate_input == "pixels":
-            return config.num_channels * config.coarse_patch_size**2
-        if config.gate_input == "coarse_embedding":
-            return config.hidden_size
-        return config.num_channels * config.patch_size**2
 
     def candidate_position_embeddings(self, height: int, width: int, interpolate_pos_encoding: bool) -> torch.Tensor:
         """Position embeddings `(Nc + Nf, hidden_size)` of all candidate tokens, in candidate layout."""
@@ -208,7 +211,7 @@ class MSViTEmbeddings(nn.Module):
         return coarse_patches
 
     def decide(
-        self, split_logits: torch.Tensor, split_mask: torch.Tensor | None
+        self, split_logits: torch.Tensor, split_probs: torch.Tensor, split_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return (split values multiplying the tokens, hard split mask, soft values for the gate loss or None)."""
         if split_mask is not None:
@@ -218,7 +221,6 @@ class MSViTEmbeddings(nn.Module):
             split_soft = gumbel_sigmoid(split_logits, self.config.gate_temperature)
             hard = split_soft > 0.5
             return hard.to(split_soft.dtype) - split_soft.detach() + split_soft, hard, split_soft
-        split_probs = torch.sigmoid(split_logits)
         if self.config.fine_ratio_budget is not None:
             hard = topk_split_mask(split_logits, self.num_split_in_budget(split_logits.shape[1]))
         else:
@@ -240,7 +242,8 @@ class MSViTEmbeddings(nn.Module):
         num_coarse = coarse_patches.shape[1]
         split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
         budgeted = split_mask is None and not self.training and self.config.fine_ratio_budget is not None
-        split_values, split_mask, split_soft = self.decide(split_logits, split_mask)
+        split_probs = torch.sigmoid(split_logits)
+        split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask)
 
         candidates = torch.cat([coarse_patches, fine_patches_by_parent(pixel_values, self.patch_size, self.ratio)], 1)
         positions = self.candidate_position_embeddings(height, width, interpolate_pos_encoding)
@@ -276,7 +279,7 @@ class MSViTEmbeddings(nn.Module):
             attention_mask=None if all_valid or key_weights is not None else token_mask,
             key_weights=key_weights,
             split_mask=split_mask,
-            split_probs=torch.sigmoid(split_logits),
+            split_probs=split_probs,
             split_soft=split_soft,
         )
 
@@ -419,14 +422,17 @@ class MSViTPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, MSViTGateLoss) and module.loss_type == "gbas":
-            target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
-            init.constant_(module.prior_mean_logits, math.log(target / (1 - target)))
+            init.constant_(module.prior_mean_logits, self._target_logit())
             init.constant_(module.prior_log_temperatures, math.log(self.config.gate_prior_temperature))
             init.constant_(module.hyperprior_log_std, math.log(self.config.gbas_hyperprior_std))
         elif isinstance(module, MSViTGate):
             # start near the compute target: a region's prior split probability is `target_fine_ratio`
-            target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
-            init.constant_(module.split_logit_bias, math.log(target / (1 - target)))
+            init.constant_(module.split_logit_bias, self._target_logit())
+
+    def _target_logit(self) -> float:
+        """`logit(target_fine_ratio)`, the target clipped to [0.01, 0.99] so that 0 and 1 stay finite."""
+        target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
+        return math.log(target / (1 - target))
 
     def _head_macs(self) -> int:
         return 0
@@ -442,8 +448,7 @@ class MSViTPreTrainedModel(PreTrainedModel):
         height, width = image_size or (fine_height * config.patch_size, fine_width * config.patch_size)
         num_coarse = (height // config.coarse_patch_size) * (width // config.coarse_patch_size)
         patch_values = config.num_channels * config.patch_size**2
-        gate_input = MSViTEmbeddings.gate_input_size(config)
-        gate = num_coarse * mlp_macs([gate_input] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1])
+        gate = num_coarse * mlp_macs(MSViTGate.layer_sizes(config))
         if config.gate_input == "coarse_embedding":
             gate += num_coarse * patch_values * config.hidden_size
         projections = 2 if config.separate_coarse_embedding else 1

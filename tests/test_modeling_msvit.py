@@ -296,8 +296,8 @@ def test_masked_softmax_path_equals_key_mask_forward_and_reaches_inactive_tokens
         embeddings = model.msvit.embeddings
         original = embeddings.decide
 
-        def decide(split_logits, split_mask):
-            values, hard, soft_values = original(split_logits, split_mask)
+        def decide(*args):
+            values, hard, soft_values = original(*args)
             values.retain_grad()
             captured["values"] = values
             return values, hard, soft_values
