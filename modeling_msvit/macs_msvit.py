@@ -51,4 +51,19 @@ def vit_macs(
     )
 
 
-__all__ = ["encoder_macs", "mlp_macs", "vit_macs"]
+def vit_macs_for_config(config, num_labels: int = 0) -> int:
+    """`vit_macs` of a plain ViT with the sizes of `config` (a `ViTConfig`, or an `MSViTConfig` for the ViT at its
+    fine patch size), at `config.image_size`."""
+    size = config.image_size
+    return vit_macs(
+        image_size=(size, size) if isinstance(size, int) else tuple(size),
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_labels=num_labels,
+    )
+
+
+__all__ = ["encoder_macs", "mlp_macs", "vit_macs", "vit_macs_for_config"]

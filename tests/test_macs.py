@@ -1,8 +1,9 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTConfig
 
 from modeling_msvit import MSViTForImageClassification
-from modeling_msvit.macs_msvit import encoder_macs, mlp_macs, vit_macs
+from modeling_msvit.macs_msvit import encoder_macs, mlp_macs, vit_macs, vit_macs_for_config
 from tools.presets import load_preset
 
 
@@ -12,6 +13,8 @@ def test_vit_reference_figures():
     small = vit_macs(image_size=(224, 224), patch_size=16, num_channels=3, hidden_size=384, intermediate_size=1536,
                      num_layers=12, num_labels=1000)  # fmt: skip
     assert round(ti / 1e9, 3) == 1.254
+    vit_ti = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768)
+    assert vit_macs_for_config(vit_ti, num_labels=1000) == ti
     assert round(small / 1e9, 2) == 4.60
 
 

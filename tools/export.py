@@ -23,7 +23,7 @@ from transformers import AutoModelForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTConfig, MSViTForImageClassification, MSViTPreTrainedModel
 from modeling_msvit.configuration_msvit import AUTO_MAP
-from modeling_msvit.macs_msvit import vit_macs
+from modeling_msvit.macs_msvit import vit_macs_for_config
 from tools.presets import load_preset
 
 
@@ -51,16 +51,7 @@ def compute_summary(model: MSViTPreTrainedModel) -> dict:
     num_fine = num_coarse * config.scale_ratio**2
     min_tokens, max_tokens = 1 + num_coarse, 1 + num_fine
     macs = model.compute_macs(torch.tensor([min_tokens, max_tokens]))
-    fine_height, fine_width = config.fine_grid_size
-    vit = vit_macs(
-        image_size=(fine_height * config.patch_size, fine_width * config.patch_size),
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_labels=config.num_labels if hasattr(model, "classifier") else 0,
-    )
+    vit = vit_macs_for_config(config, num_labels=config.num_labels if hasattr(model, "classifier") else 0)
     return {
         "min_tokens": min_tokens,
         "max_tokens": max_tokens,

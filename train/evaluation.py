@@ -4,26 +4,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from modeling_msvit.macs_msvit import vit_macs
+from modeling_msvit.macs_msvit import vit_macs_for_config
 from train.split_policies import forced_split_mask
 
 
 def is_msvit(model: torch.nn.Module) -> bool:
     return getattr(model.config, "model_type", None) == "msvit"
-
-
-def plain_vit_macs(config) -> int:
-    """Per-image MACs of a transformers ViT classifier (one patch size, every image the same)."""
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    return vit_macs(
-        image_size=(size, size),
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_labels=config.num_labels,
-    )
 
 
 @torch.no_grad()
@@ -76,5 +62,6 @@ def evaluate_classifier(
         )
     else:
         num_patches = (unwrapped.config.image_size // unwrapped.config.patch_size) ** 2
-        results.update(gmacs=plain_vit_macs(unwrapped.config) / 1e9, tokens=1 + num_patches)
+        gmacs = vit_macs_for_config(unwrapped.config, num_labels=unwrapped.config.num_labels) / 1e9
+        results.update(gmacs=gmacs, tokens=1 + num_patches)
     return results
