@@ -1,10 +1,17 @@
-"""Evaluation shared by the training scripts: accuracy through a local `evaluate` module, plus measured compute."""
+"""Evaluation shared by the training scripts: accuracy through a local `evaluate` module, measured compute, and
+side-by-side inference throughput."""
 
+import statistics
+import time
+from collections.abc import Callable
+
+import datasets
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from modeling_msvit.macs_msvit import vit_macs_for_config
+from train.data import make_transforms
 from train.split_policies import forced_split_mask
 
 
@@ -65,3 +72,29 @@ def evaluate_classifier(
         gmacs = vit_macs_for_config(unwrapped.config, num_labels=unwrapped.config.num_labels) / 1e9
         results.update(gmacs=gmacs, tokens=1 + num_patches)
     return results
+
+
+def processed_pixel_values(dataset: datasets.Dataset, image_processor, num_channels: int) -> torch.Tensor:
+    """Every image of `dataset` through `image_processor`, as one `(N, num_channels, H, W)` tensor."""
+    transform = make_transforms(image_processor, train=False, num_channels=num_channels)
+    return dataset.with_transform(transform)[: len(dataset)]["pixel_values"]
+
+
+@torch.no_grad()
+def interleaved_images_per_second(
+    runners: dict[str, Callable[[torch.Tensor], object]],
+    inputs: dict[str, torch.Tensor],
+    batch_size: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Median inference images/s of each runner (a model or any callable on a batch) over its `inputs`, timed in
+    `repeats` interleaved repetitions (runner 1, runner 2, ..., runner 1, ...) after one warm-up pass."""
+    seconds = {name: [] for name in runners}
+    for repeat in range(repeats + 1):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            for batch in inputs[name].split(batch_size):
+                runner(batch)
+            if repeat:  # the first pass is warm-up
+                seconds[name].append(time.perf_counter() - start)
+    return {name: len(inputs[name]) / statistics.median(values) for name, values in seconds.items()}

@@ -14,15 +14,14 @@ throughput measured side by side in one process (median of interleaved repetitio
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
-from train.data import load_classification_splits, make_transforms
+from train.data import load_classification_splits
+from train.evaluation import interleaved_images_per_second, processed_pixel_values
 from train.run_classification import main as run_classification
 
 
@@ -118,18 +117,9 @@ def relative_throughput(
         if name in budgets:
             models[name].config.fine_ratio_budget = budgets[name]
         processor = AutoImageProcessor.from_pretrained(folder)
-        transform = make_transforms(processor, train=False, num_channels=models[name].config.num_channels)
-        inputs[name] = test["test"].with_transform(transform)[: len(test["test"])]["pixel_values"]
-    seconds = {name: [] for name in models}
-    for repeat in range(args.timing_repeats + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            for batch in inputs[name].split(128):
-                model(batch)
-            if repeat:
-                seconds[name].append(time.perf_counter() - start)
-    reference_time = statistics.median(seconds[reference])
-    return {name: reference_time / statistics.median(values) for name, values in seconds.items()}
+        inputs[name] = processed_pixel_values(test["test"], processor, models[name].config.num_channels)
+    speed = interleaved_images_per_second(models, inputs, 128, args.timing_repeats)
+    return {name: value / speed[reference] for name, value in speed.items()}
 
 
 def summarise(args: argparse.Namespace) -> list[dict]:

@@ -11,7 +11,6 @@ backbone: test accuracy, measured GMACs per image, and inference throughput meas
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from transformers import AutoImageProcessor, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
-from train.data import load_classification_splits, make_transforms
+from train.data import load_classification_splits
+from train.evaluation import interleaved_images_per_second, processed_pixel_values
 from train.run_classification import main as run_stage
 
 
@@ -44,21 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--timing_repeats", type=int, default=5, help="Interleaved timing repetitions (the median is reported).")
     add("--seed", type=int, default=0, help="Seed of every stage.")
     return parser.parse_args(argv)
-
-
-@torch.no_grad()
-def images_per_second(models: dict, pixel_values: torch.Tensor, batch_size: int, repeats: int) -> dict:
-    """Median inference throughput of each model (any callable on a batch), timed in interleaved repetitions after
-    one warm-up pass."""
-    timings = {name: [] for name in models}
-    for repeat in range(repeats + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            for batch in pixel_values.split(batch_size):
-                model(batch)
-            if repeat:  # the first pass is warm-up
-                timings[name].append(time.perf_counter() - start)
-    return {name: len(pixel_values) / statistics.median(values) for name, values in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     msvit = MSViTForImageClassification.from_pretrained(output / "joint" / "model").eval()
     baseline = ViTForImageClassification.from_pretrained(output / "backbone" / "model").eval()
     processor = AutoImageProcessor.from_pretrained(output / "joint" / "model")
-    transform = make_transforms(processor, train=False, num_channels=msvit.config.num_channels)
-    pixel_values = test.with_transform(transform)[: len(test)]["pixel_values"]
+    pixel_values = processed_pixel_values(test, processor, msvit.config.num_channels)
     all_fine = torch.ones(1, msvit.config.coarse_grid_size[0] * msvit.config.coarse_grid_size[1], dtype=torch.bool)
     runners = {
         "vit": baseline,
@@ -107,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         "msvit_all_fine": lambda batch: msvit(batch, split_mask=all_fine.expand(len(batch), -1)),
         "msvit": msvit,
     }
-    throughput = images_per_second(runners, pixel_values, 64, args.timing_repeats)
+    inputs = dict.fromkeys(runners, pixel_values)
+    throughput = interleaved_images_per_second(runners, inputs, 64, args.timing_repeats)
 
     report = {
         "settings": vars(args),

@@ -272,15 +272,18 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = build_model(args, labels, num_channels, default_image_size(args, dataset))
     num_channels = model.config.num_channels
 
-    # flips happen in the training loop, seeded per step, so that a resumed run sees exactly the same batches
-    train_data = dataset["train"].with_transform(make_transforms(processor, train=False, num_channels=num_channels))
-    eval_transform = make_transforms(processor, train=False, num_channels=num_channels)
+    # one deterministic transform for every split: training flips happen in the loop, seeded per step, so that a
+    # resumed run sees exactly the same batches
+    transform = make_transforms(processor, train=False, num_channels=num_channels)
     train_dataloader = DataLoader(
-        train_data, shuffle=True, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn
+        dataset["train"].with_transform(transform),
+        shuffle=True,
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=collate_fn,
     )
     eval_dataloaders = {
         split: DataLoader(
-            dataset[split].with_transform(eval_transform),
+            dataset[split].with_transform(transform),
             batch_size=args.per_device_eval_batch_size,
             collate_fn=collate_fn,
         )
