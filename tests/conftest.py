@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from transformers import ViTConfig  # noqa: E402
+
 from modeling_msvit import MSViTConfig  # noqa: E402
 
 
@@ -24,6 +26,22 @@ def tiny_config(**overrides) -> MSViTConfig:
     )
     fields.update(overrides)
     return MSViTConfig(**fields)
+
+
+def tiny_vit_config(**overrides) -> ViTConfig:
+    """A transformers ViT with the tiny MSViT config's sizes (32 px, patch 4), to convert with `from_vit`."""
+    fields = dict(
+        image_size=32,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=5,
+        hidden_act="gelu",
+    )
+    fields.update(overrides)
+    return ViTConfig(**fields)
 
 
 @pytest.fixture

@@ -1,23 +1,9 @@
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from transformers import ViTForImageClassification, ViTModel
 
 from modeling_msvit import MSViTForImageClassification, MSViTModel
-
-
-def tiny_vit_config(**overrides) -> ViTConfig:
-    fields = dict(
-        image_size=32,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        num_labels=5,
-        hidden_act="gelu",
-    )
-    fields.update(overrides)
-    return ViTConfig(**fields)
+from tests.conftest import tiny_vit_config
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModel, AutoModelForImageClassification
 
 from modeling_msvit import MSViTForImageClassification, MSViTModel
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_vit_config
 
 
 NUM_COARSE, RATIO = 16, 2  # tiny config: 4x4 coarse grid, 2x2 fine children per region
@@ -272,11 +272,9 @@ def test_gate_starts_at_the_target_fine_ratio(target):
 
 
 def _tiny_vit():
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
-    config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                       intermediate_size=37, num_labels=5)  # fmt: skip
-    return ViTForImageClassification(config)
+    return ViTForImageClassification(tiny_vit_config(num_hidden_layers=1))
 
 
 def test_masked_softmax_path_equals_key_mask_forward_and_reaches_inactive_tokens(pixel_values):

@@ -2,9 +2,10 @@ import json
 
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
+from tests.conftest import tiny_vit_config
 from tools import demo, export
 from tools.gate_map import render_gate_map
 
@@ -22,9 +23,7 @@ def test_demo_writes_gate_maps_report_and_a_reloadable_hub_folder(tmp_path):
 
 
 def test_export_cli_from_a_saved_vit(tmp_path, pixel_values):
-    vit_config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                           intermediate_size=37, num_labels=3)  # fmt: skip
-    vit = ViTForImageClassification(vit_config).eval()
+    vit = ViTForImageClassification(tiny_vit_config(num_hidden_layers=1, num_labels=3)).eval()
     vit.save_pretrained(tmp_path / "vit")
     export.main(["--from-vit", str(tmp_path / "vit"), "--output", str(tmp_path / "hub"), "--coarse-patch-size", "16"])
     msvit = MSViTForImageClassification.from_pretrained(tmp_path / "hub").eval()
