@@ -18,6 +18,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
 from tests.conftest import tiny_config
+from train.msvit_recipe import msvit_stage_args
 from train.recipes import RecipeError, load_recipe, recipe_to_args
 from train.run_classification import parse_args
 
@@ -52,19 +53,34 @@ EXPECTED = {
         per_device_train_batch_size=128,
         learning_rate=1e-3,
     ),
+    "translated-fmnist-adapt": dict(
+        stage="joint",
+        split_policy="random",
+        dataset="translated_fashion_mnist",
+        learning_rate=2e-4,
+        num_train_epochs=2,
+        target_fine_ratio=0.5,
+        fine_ratio_budget=0.5,
+        model_name_or_path="outputs/translated-fmnist-backbone-fine/model",
+    ),
     "translated-fmnist-gate": dict(
         stage="gate",
         dataset="translated_fashion_mnist",
         learning_rate=1e-3,
-        num_train_epochs=3,
+        num_train_epochs=2,
         target_fine_ratio=0.5,
-        model_name_or_path="outputs/translated-fmnist-backbone-fine/model",
+        fine_ratio_budget=0.5,
+        gate_loss_type="ratio",
+        gate_loss_weight=20.0,
+        masked_path_attention="masked_softmax",
+        model_name_or_path="outputs/translated-fmnist-adapt/model",
     ),
     "translated-fmnist-joint": dict(
         stage="joint",
         dataset="translated_fashion_mnist",
-        learning_rate=1e-4,
-        num_train_epochs=5,
+        learning_rate=2e-4,
+        num_train_epochs=2,
+        fine_ratio_budget=0.5,
         model_name_or_path="outputs/translated-fmnist-gate/model",
     ),
 }
@@ -86,6 +102,20 @@ def test_recipe_arguments_are_accepted_by_the_training_script(path):
     assert parsed.output_dir == "x"
     for key, value in EXPECTED.get(path.stem, {}).items():
         assert getattr(parsed, key) == value, key
+
+
+@pytest.mark.parametrize("stage", ["adapt", "gate", "joint"])
+def test_yaml_recipes_are_the_python_msvit_recipe(stage):
+    """The YAML files and train/msvit_recipe.py (used by train.pipeline and train.evidence) train the same way."""
+    folders = {name: f"outputs/translated-fmnist-{name}" for name in ("adapt", "gate")}
+    epochs = dict.fromkeys(("adapt", "gate", "joint"), 2)
+    backbone = "outputs/translated-fmnist-backbone-fine/model"
+    python_args = msvit_stage_args(backbone, folders, 0.5, epochs)[stage]
+    from_python = vars(parse_args([*python_args, "--output_dir", "x"]))
+    from_yaml = vars(
+        parse_args(["--config", str(TRAINING_DIR / f"translated-fmnist-{stage}.yaml"), "--output_dir", "x"])
+    )
+    assert from_python == {**from_yaml, "config": None}
 
 
 def test_command_line_arguments_after_a_recipe_win():

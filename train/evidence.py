@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
 from train.data import load_classification_splits
 from train.evaluation import interleaved_images_per_second, processed_pixel_values
+from train.msvit_recipe import msvit_stage_args
 from train.run_classification import main as run_classification
 
 
@@ -32,16 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--output_dir", default="results/evidence", help="Folder of all runs and the summary.")
-    add("--backbone_epochs", type=int, default=20, help="Epochs of every model trained from scratch.")
+    add("--backbone_epochs", type=int, default=12, help="Epochs of every model trained from scratch.")
     add("--gate_epochs", type=int, default=2, help="Epochs of gate training on the frozen backbone.")
-    add("--finetune_epochs", type=int, default=5, help="Epochs of the shared fine-tuning on the backbone.")
-    add("--max_train_samples", type=int, help="Train on a subset (smoke tests).")
+    add("--finetune_epochs", type=int, default=2, help="Epochs of the shared fine-tuning on the backbone.")
+    add("--gate_loss_type", default="ratio", choices=("gbas", "bas", "ratio"), help="Gate loss of the MSViT rows.")
+    add("--gate_loss_weight", type=float, default=20.0, help="Gate loss weight of the MSViT rows.")
+    add("--max_train_samples", type=int, default=20000, help="Training images (a fixed random subset of the 55k).")
     add("--max_eval_samples", type=int, help="Evaluate on subsets (smoke tests).")
-    add("--hidden_size", type=int, default=128, help="Width of every model.")
+    add("--hidden_size", type=int, default=96, help="Width of every model.")
     add("--depth", type=int, default=4, help="Depth of every model.")
-    add("--heads", type=int, default=4, help="Attention heads of every model.")
+    add("--heads", type=int, default=3, help="Attention heads of every model.")
     add("--seed", type=int, default=0, help="Seed of every run.")
-    add("--checkpointing_steps", type=int, default=430, help="Checkpoint every N steps; an interrupted run resumes.")
+    add("--checkpointing_steps", type=int, default=157, help="Checkpoint every N steps; an interrupted run resumes.")
     add("--only", nargs="*", help="Run only these experiments (and summarise what exists).")
     add("--timing_images", type=int, default=1024, help="Test images of the throughput comparison.")
     add("--timing_repeats", type=int, default=5, help="Interleaved timing repetitions (median reported).")
@@ -49,43 +52,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Name -> run_classification arguments, in dependency order."""
+    """Name -> run_classification arguments, in dependency order.
+
+    Every model on the shared backbone gets `finetune_epochs` of backbone fine-tuning. An MSViT spends the first
+    half of them on random splits at its budget (`adapt-*`: a backbone trained on fine tokens only is not yet used to
+    coarse ones, so the gate could not learn which regions matter), then trains its gate on that frozen backbone
+    (`gate-*`) and fine-tunes everything for the second half (`msvit-*`). Gated models are evaluated with the
+    fixed budget (`--fine_ratio_budget`), so that every row at a ratio has exactly the same token count.
+    """
     out = Path(args.output_dir)
     model = lambda name: str(out / name / "model")  # noqa: E731
     from_scratch = ["--num_train_epochs", str(args.backbone_epochs), "--learning_rate", "1e-3"]
     backbone = ["--stage", "backbone", *from_scratch]
-    finetune = ["--num_train_epochs", str(args.finetune_epochs), "--learning_rate", "2e-4"]
+    finetune = ["--learning_rate", "2e-4", "--num_train_epochs"]
+    half = max(args.finetune_epochs // 2, 1)
+    epochs = {"adapt": half, "gate": args.gate_epochs, "joint": half}
     runs = {
         "vit-p8": [*backbone, "--patch_size", "8"],
         "vit-p16": [*backbone, "--patch_size", "16"],
         "vit-p8-32px": [*backbone, "--patch_size", "8", "--image_size", "32"],
         "all-fine": ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", "all_fine",
-                     *finetune],
+                     *finetune, str(args.finetune_epochs)],
         "all-coarse": ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", "all_coarse",
-                       *finetune],
+                       *finetune, str(args.finetune_epochs)],
     }  # fmt: skip
+
+    def gated(name: str, ratio: float, stage_extra: dict[str, list[str]] | None = None) -> None:
+        suffix = f"{ratio}-{name}" if name else f"{ratio}"
+        adapt = f"adapt-{suffix}" if stage_extra and "adapt" in stage_extra else f"adapt-{ratio}"
+        folders = {"adapt": str(out / adapt), "gate": str(out / f"gate-{suffix}")}
+        stages = msvit_stage_args(
+            model("vit-p8"), folders, ratio, epochs, args.gate_loss_type, args.gate_loss_weight, stage_extra
+        )
+        runs.setdefault(adapt, stages["adapt"])
+        runs[f"gate-{suffix}"] = stages["gate"]
+        runs[f"msvit-{suffix}"] = stages["joint"]
+
     for ratio in RATIOS:
-        target = ["--target_fine_ratio", str(ratio)]
-        runs[f"gate-{ratio}"] = [
-            "--stage", "gate", "--model_name_or_path", model("vit-p8"), *target,
-            "--num_train_epochs", str(args.gate_epochs), "--learning_rate", "1e-3",
-        ]  # fmt: skip
-        runs[f"msvit-{ratio}"] = ["--stage", "joint", "--model_name_or_path", model(f"gate-{ratio}"), *finetune]
+        target = ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
+        gated("", ratio)
         for policy in ("random", "centre"):
             runs[f"{policy}-{ratio}"] = [
                 "--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", policy, *target,
-                *finetune,
+                *finetune, str(args.finetune_epochs),
             ]  # fmt: skip
-        runs[f"scratch-{ratio}"] = ["--stage", "scratch", *from_scratch, "--patch_size", "8", *target]
     for name, extra in {
+        "gbas": ["--gate_loss_type", "gbas"],
         "bas": ["--gate_loss_type", "bas"],
         "ratio-loss": ["--gate_loss_type", "ratio"],
-        "masked-softmax": ["--masked_path_attention", "masked_softmax"],
+        "key-mask": ["--masked_path_attention", "key_mask"],
         "gathered-training": ["--train_token_path", "gathered"],
     }.items():
-        runs[f"gate-0.5-{name}"] = [*runs["gate-0.5"], *extra]
-        runs[f"msvit-0.5-{name}"] = ["--stage", "joint", "--model_name_or_path", model(f"gate-0.5-{name}"), *finetune]
-    runs["scratch-0.5-separate-coarse"] = [*runs["scratch-0.5"], "--separate_coarse_embedding"]
+        if extra[:2] != ["--gate_loss_type", args.gate_loss_type]:
+            gated(name, 0.5, {"gate": extra})
+    gated("separate-coarse", 0.5, {"adapt": ["--separate_coarse_embedding"]})
+    for ratio in (0.5, *RATIOS):  # 0.5 first: the from-scratch runs are the longest
+        runs[f"scratch-{ratio}"] = [
+            "--stage", "scratch", *from_scratch, "--patch_size", "8", "--target_fine_ratio", str(ratio),
+            "--fine_ratio_budget", str(ratio), "--gate_loss_type", args.gate_loss_type, "--gate_loss_weight",
+            str(args.gate_loss_weight), "--masked_path_attention", "masked_softmax",
+        ]  # fmt: skip
     return runs
 
 
@@ -102,11 +128,28 @@ def common_args(args: argparse.Namespace) -> list[str]:
     return common
 
 
+def split_rates_on_content(model, pixel_values: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+    """How often the gate splits regions that contain part of the item vs empty (all-background) regions.
+
+    On a translated canvas the background is the darkest value; a region holds content when any pixel is brighter."""
+    coarse = model.config.coarse_patch_size
+    content = pixel_values.unfold(2, coarse, coarse).unfold(3, coarse, coarse).amax((1, 4, 5)).flatten(1)
+    content = content > pixel_values.amin()
+    splits = torch.cat(
+        [model(pixel_values[i : i + batch_size]).split_mask for i in range(0, len(pixel_values), batch_size)]
+    )
+    return {
+        "split_rate_content": splits[content].float().mean().item(),
+        "split_rate_empty": splits[~content].float().mean().item(),
+    }
+
+
 @torch.no_grad()
-def relative_throughput(
-    folders: dict[str, Path], budgets: dict[str, float], args: argparse.Namespace, reference: str
-) -> dict[str, float]:
-    """Inference images/s of every model over the same test images, interleaved, relative to `reference`.
+def measure_on_test(
+    folders: dict[str, Path], budgets: dict[str, float], gated: set[str], args: argparse.Namespace, reference: str
+) -> dict[str, dict[str, float]]:
+    """Inference images/s of every model over the same test images, interleaved, relative to `reference`; for the
+    `gated` models also their split rates on content and on empty regions.
 
     `budgets` gives a fixed fine ratio for MSViTs trained with forced decisions (random, centre, all-coarse,
     all-fine), so that they are timed with the token counts they were evaluated with."""
@@ -119,7 +162,10 @@ def relative_throughput(
         processor = AutoImageProcessor.from_pretrained(folder)
         inputs[name] = processed_pixel_values(test["test"], processor, models[name].config.num_channels)
     speed = interleaved_images_per_second(models, inputs, 128, args.timing_repeats)
-    return {name: value / speed[reference] for name, value in speed.items()}
+    measured = {name: {"throughput_vs_vit_p8": value / speed[reference]} for name, value in speed.items()}
+    for name in gated:
+        measured[name].update(split_rates_on_content(models[name], inputs[name]))
+    return measured
 
 
 def summarise(args: argparse.Namespace) -> list[dict]:
@@ -146,26 +192,29 @@ def summarise(args: argparse.Namespace) -> list[dict]:
             for row in rows
             if row["split_policy"] != "gate" and row["fine_ratio"] is not None
         }
-        speed = relative_throughput(
-            {row["name"]: out / row["name"] / "model" for row in rows}, budgets, args, "vit-p8"
+        gated = {row["name"] for row in rows if row["split_policy"] == "gate" and row["fine_ratio"] is not None}
+        measured = measure_on_test(
+            {row["name"]: out / row["name"] / "model" for row in rows}, budgets, gated, args, "vit-p8"
         )
         for row in rows:
-            row["throughput_vs_vit_p8"] = speed[row["name"]]
+            row.update(measured[row["name"]])
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         f"Translated Fashion-MNIST 64x64, test set ({args.max_eval_samples or 10000} images), seed {args.seed}, "
         f"width {args.hidden_size}, depth {args.depth}. Throughput: inference, batch 128, "
         f"{torch.get_num_threads()} CPU threads, median of {args.timing_repeats} interleaved repetitions.",
         "",
-        "| model | test top-1 | GMACs / image | tokens / image | fine ratio | throughput vs ViT/8 |",
-        "|---|---|---|---|---|---|",
+        "| model | test top-1 | GMACs / image | tokens / image | fine ratio | split rate: item / empty regions "
+        "| throughput vs ViT/8 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         fine = "" if row["fine_ratio"] is None else f"{row['fine_ratio']:.2f}"
+        rates = f"{row['split_rate_content']:.2f} / {row['split_rate_empty']:.2f}" if "split_rate_empty" in row else ""
         speed = f"{row['throughput_vs_vit_p8']:.2f}x" if "throughput_vs_vit_p8" in row else ""
         lines.append(
             f"| {row['name']} | {100 * row['test_accuracy']:.2f} % | {row['gmacs']:.4f} | {row['tokens']:.1f} | "
-            f"{fine} | {speed} |"
+            f"{fine} | {rates} | {speed} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "accuracy_vs_gmacs.png")
@@ -179,8 +228,8 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 5))
-    families = {"vit": "black", "msvit": "tab:orange", "random": "tab:blue", "centre": "tab:green",
-                "scratch": "tab:red", "all": "tab:gray", "gate": "tab:purple"}  # fmt: skip
+    families = {"vit": "black", "msvit": "tab:orange", "random": "tab:blue", "adapt": "tab:cyan",
+                "centre": "tab:green", "scratch": "tab:red", "all": "tab:gray", "gate": "tab:purple"}  # fmt: skip
     for row in rows:
         family = next((key for key in families if row["name"].startswith(key)), "all")
         axes.scatter(row["gmacs"], 100 * row["test_accuracy"], color=families[family])

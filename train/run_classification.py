@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
     )
     train_seconds, train_images = 0.0, 0
-    running = {"loss": 0.0, "gate_loss": 0.0, "fine_ratio": 0.0, "batches": 0}
+    # a plain ViT has no gate: its records carry the task loss only
+    logged = ("loss", "gate_loss", "fine_ratio") if is_msvit(unwrapped) else ("loss",)
+    running = {**dict.fromkeys(logged, 0.0), "batches": 0}
     model.train()
     for epoch in range(starting_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -379,9 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
             train_seconds += time.perf_counter() - start
             train_images += len(pixel_values)
             running["loss"] += outputs.loss.item()
-            gate_loss = getattr(outputs, "gate_loss", None)
-            running["gate_loss"] += 0.0 if gate_loss is None else gate_loss.item()
-            if getattr(outputs, "split_mask", None) is not None:
+            if "gate_loss" in running:
+                # forced split masks give no gate loss
+                running["gate_loss"] += 0.0 if outputs.gate_loss is None else outputs.gate_loss.item()
                 running["fine_ratio"] += outputs.split_mask.float().mean().item()
             running["batches"] += 1
             if not accelerator.sync_gradients:
@@ -389,9 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
             completed_steps += 1
             progress.update(1)
             if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
-                means = {key: running[key] / running["batches"] for key in ("loss", "gate_loss", "fine_ratio")}
-                means = accelerator.reduce(torch.tensor(list(means.values())), reduction="mean").tolist()
-                record = dict(zip(("loss", "gate_loss", "fine_ratio"), means))
+                means = torch.tensor([running[key] / running["batches"] for key in logged])
+                record = dict(zip(logged, accelerator.reduce(means, reduction="mean").tolist()))
                 record.update(
                     step=completed_steps,
                     epoch=epoch,
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 logger.log(record)
                 accelerator.log(record, step=completed_steps)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", fine=f"{record['fine_ratio']:.2f}")
+                progress.set_postfix({key: f"{record[key]:.3f}" for key in logged})
                 running = dict.fromkeys(running, 0.0)
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 accelerator.save_state(str(output_dir / "checkpoints" / f"step_{completed_steps}"))
