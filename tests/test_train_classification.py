@@ -165,3 +165,24 @@ def test_evidence_runs_resume_and_summarise(tmp_path):
     assert (tmp_path / "vit-p8" / "results.json").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="Unknown experiments"):
         evidence([*tiny, "--only", "vit-p4"])
+
+
+def test_split_rates_on_content_count_item_and_empty_regions():
+    from types import SimpleNamespace
+
+    from train.evidence import split_rates_on_content
+
+    pixel_values = torch.full((2, 1, 64, 64), -1.0)  # black canvases, 4x4 regions of 16 px
+    pixel_values[0, :, 2:5, 3:7] = 0.5  # item in region 0
+    pixel_values[1, :, 20:24, 30:34] = 0.2  # item across regions 5 and 6
+    split_mask = torch.zeros(2, 16, dtype=torch.bool)
+    split_mask[0, [0, 1]] = True  # the item's region and an empty one
+    split_mask[1, 5] = True  # one of the item's two regions
+
+    def model(batch):
+        start = next(i for i in range(2) if torch.equal(pixel_values[i], batch[0]))
+        return SimpleNamespace(split_mask=split_mask[start : start + len(batch)])
+
+    model.config = SimpleNamespace(coarse_patch_size=16)
+    rates = split_rates_on_content(model, pixel_values, batch_size=1)
+    assert rates == {"split_rate_content": pytest.approx(2 / 3), "split_rate_empty": pytest.approx(1 / 29)}
