@@ -65,15 +65,16 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
     from_scratch = ["--num_train_epochs", str(args.backbone_epochs), "--learning_rate", "1e-3"]
     backbone = ["--stage", "backbone", *from_scratch]
     finetune = ["--learning_rate", "2e-4", "--num_train_epochs"]
+    forced = ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--train_token_path", "gathered"]
     half = max(args.finetune_epochs // 2, 1)
     epochs = {"adapt": half, "gate": args.gate_epochs, "joint": half}
     runs = {
         "vit-p8": [*backbone, "--patch_size", "8"],
         "vit-p16": [*backbone, "--patch_size", "16"],
         "vit-p8-32px": [*backbone, "--patch_size", "8", "--image_size", "32"],
-        "all-fine": ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", "all_fine",
+        "all-fine": [*forced, "--split_policy", "all_fine",
                      *finetune, str(args.finetune_epochs)],
-        "all-coarse": ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", "all_coarse",
+        "all-coarse": [*forced, "--split_policy", "all_coarse",
                        *finetune, str(args.finetune_epochs)],
     }  # fmt: skip
 
@@ -93,7 +94,7 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
         gated("", ratio)
         for policy in ("random", "centre"):
             runs[f"{policy}-{ratio}"] = [
-                "--stage", "joint", "--model_name_or_path", model("vit-p8"), "--split_policy", policy, *target,
+                *forced, "--split_policy", policy, *target,
                 *finetune, str(args.finetune_epochs),
             ]  # fmt: skip
     for name, extra in {

@@ -1,6 +1,7 @@
 """The MSViT recipe on a trained ViT, as `train/run_classification.py` arguments of its three stages.
 
-1. `adapt`: fine-tune the ViT (converted to MSViT) with **random** splits at the target fine ratio. A backbone trained
+1. `adapt`: fine-tune the ViT (converted to MSViT) with **random** splits at the target fine ratio (on the gathered
+   path: with forced decisions there is no gate to reach, so only the active tokens are computed). A backbone trained
    on fine tokens alone has never seen a coarse token: on it, every mix of coarse and fine tokens is equally out of
    distribution, so a gate trained there learns nothing about which regions matter.
 2. `gate`: freeze that backbone and train the gate with the compute-budget loss. The DynamicViT masked softmax lets the
@@ -32,9 +33,9 @@ def msvit_stage_args(
     budget = ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
     sources = {"adapt": backbone, "gate": f"{folders['adapt']}/model", "joint": f"{folders['gate']}/model"}
     stage_args = {
-        "adapt": ["--stage", "joint", "--split_policy", "random"],
+        "adapt": ["--stage", "joint", "--split_policy", "random", "--train_token_path", "gathered"],
         "gate": ["--stage", "gate", "--gate_loss_type", gate_loss_type, "--gate_loss_weight", str(gate_loss_weight),
-                 "--masked_path_attention", "masked_softmax"],
+                 "--train_token_path", "masked", "--masked_path_attention", "masked_softmax"],
         "joint": ["--stage", "joint"],
     }  # fmt: skip
     return {
