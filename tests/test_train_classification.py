@@ -186,3 +186,23 @@ def test_split_rates_on_content_count_item_and_empty_regions():
     model.config = SimpleNamespace(coarse_patch_size=16)
     rates = split_rates_on_content(model, pixel_values, batch_size=1)
     assert rates == {"split_rate_content": pytest.approx(2 / 3), "split_rate_empty": pytest.approx(1 / 29)}
+
+
+@needs_data
+def test_evidence_gate_maps_stack_one_row_per_model(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessorPil
+
+    from modeling_msvit import MSViTForImageClassification
+    from tests.conftest import tiny_config
+    from train.evidence import gated_maps, parse_args
+
+    for name in ("msvit-0.25", "msvit-0.75"):
+        config = tiny_config(image_size=64, patch_size=8, coarse_patch_size=16, num_channels=1, num_labels=10)
+        MSViTForImageClassification(config).save_pretrained(tmp_path / name / "model")
+        processor = ViTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=0.5, image_std=0.5)
+        processor.save_pretrained(tmp_path / name / "model")
+    gated_maps(["msvit-0.25", "msvit-0.75"], parse_args(["--output_dir", str(tmp_path)]), tmp_path / "maps.png", 3)
+    sheet = Image.open(tmp_path / "maps.png")
+    panel = 4 * 64  # gate maps are drawn at 4x the model's resolution, captioned below
+    assert sheet.width == 3 * panel + 2 * 4 and sheet.height == 2 * (panel + 18)

@@ -17,12 +17,14 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
 from train.data import load_classification_splits
 from train.evaluation import interleaved_images_per_second, processed_pixel_values
 from train.msvit_recipe import msvit_stage_args
+from train.reporting import gate_maps
 from train.run_classification import main as run_classification
 
 
@@ -219,7 +221,26 @@ def summarise(args: argparse.Namespace) -> list[dict]:
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "accuracy_vs_gmacs.png")
+    gated_maps([f"msvit-{ratio}" for ratio in RATIOS if f"msvit-{ratio}" in done], args, out / "gate_maps.png")
     return rows
+
+
+def gated_maps(names: list[str], args: argparse.Namespace, path: Path, num_images: int = 6) -> None:
+    """One row of gate maps per model, on the same first test images."""
+    if not names:
+        return
+    test = load_classification_splits("translated_fashion_mnist", seed=args.seed, max_eval_samples=num_images)["test"]
+    images = [test[i]["image"] for i in range(num_images)]
+    rows = []
+    for name in names:
+        folder = Path(args.output_dir) / name / "model"
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        processor = AutoImageProcessor.from_pretrained(folder)
+        rows.append(gate_maps(model, processor, images, model.config.num_channels))
+    sheet = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), (255, 255, 255))
+    for index, row in enumerate(rows):
+        sheet.paste(row, (0, sum(previous.height for previous in rows[:index])))
+    sheet.save(path)
 
 
 def plot(rows: list[dict], path: Path) -> None:
