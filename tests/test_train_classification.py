@@ -160,6 +160,7 @@ def test_evidence_runs_resume_and_summarise(tmp_path):
     assert by_name["random-0.25"]["tokens"] == 1 + 16 + 3 * 4 and by_name["all-coarse"]["tokens"] == 17
     assert by_name["vit-p8"]["throughput_vs_vit_p8"] == 1.0
     assert (tmp_path / "table.md").read_text().count("\n| ") == 4 and (tmp_path / "accuracy_vs_gmacs.png").is_file()
+    assert (tmp_path / "learning_curves.png").is_file()
     mtime = (tmp_path / "vit-p8" / "results.json").stat().st_mtime
     evidence([*tiny, "--only", "vit-p8"])  # finished runs are skipped
     assert (tmp_path / "vit-p8" / "results.json").stat().st_mtime == mtime

@@ -221,8 +221,30 @@ def summarise(args: argparse.Namespace) -> list[dict]:
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "accuracy_vs_gmacs.png")
+    plot_learning_curves([row for row in rows if row["stage"] in ("backbone", "scratch")], out / "learning_curves.png")
     gated_maps([f"msvit-{ratio}" for ratio in RATIOS if f"msvit-{ratio}" in done], args, out / "gate_maps.png")
     return rows
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> None:
+    """Validation top-1 per epoch of the models trained from scratch: did they plateau?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        curve = [100 * point["accuracy"] for point in row["validation_curve"]]
+        axes.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=row["name"])
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation top-1 (%)")
+    axes.set_title("Models trained from scratch (cosine schedule)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
 
 
 def gated_maps(names: list[str], args: argparse.Namespace, path: Path, num_images: int = 6) -> None:
