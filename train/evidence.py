@@ -108,6 +108,8 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
     }.items():
         if extra[:2] != ["--gate_loss_type", args.gate_loss_type]:
             gated(name, 0.5, {"gate": extra})
+    for ratio in (0.25, 0.75):  # the training path that gave the better gate at 0.5, at the other budgets
+        gated("gathered-training", ratio, {"gate": ["--train_token_path", "gathered"]})
     gated("separate-coarse", 0.5, {"adapt": ["--separate_coarse_embedding"]})
     for ratio in (0.5, *RATIOS):  # 0.5 first: the from-scratch runs are the longest
         runs[f"scratch-{ratio}"] = [
