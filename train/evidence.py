@@ -6,10 +6,12 @@
 Each run is `train/run_classification.py` with the arguments listed in `experiments()`, written to
 `<output_dir>/<name>/`; a run whose `results.json` exists is skipped and an interrupted one resumes from its last
 checkpoint, so the command can be stopped and started again. Fine patch 8 / coarse 16 (8x8 fine, 4x4 coarse
-grid), width 128, depth 4, 4 heads, batch 128, AdamW with warm-up and cosine decay, one seed. The shared backbone
-is the fine ViT (`vit-p8`); every model on it gets the same fine-tuning (`--finetune_epochs` at learning rate
-2e-4). At the end, `table.md`, `table.json` and `accuracy_vs_gmacs.png` summarise the test results, with inference
-throughput measured side by side in one process (median of interleaved repetitions) relative to the fine ViT.
+grid); by default 20,000 training images, width 96, depth 4, 3 heads, batch 128, AdamW with warm-up and cosine
+decay, one seed (flags change them). The shared backbone is the fine ViT (`vit-p8`); every model on it gets the same
+backbone fine-tuning (`--finetune_epochs` at learning rate 2e-4; see `experiments()` for how an MSViT spends them).
+At the end, `table.md`, `table.json`, `accuracy_vs_gmacs.png`, `learning_curves.png` and `gate_maps.png` summarise
+the test results, with inference throughput measured side by side in one process (median of interleaved
+repetitions) relative to the fine ViT.
 """
 
 import argparse
