@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
 from train.data import load_classification_splits
 from train.evaluation import interleaved_images_per_second, processed_pixel_values
-from train.msvit_recipe import msvit_stage_args
+from train.msvit_recipe import budget_args, gate_training_args, msvit_stage_args
 from train.reporting import gate_maps
 from train.run_classification import main as run_classification
 
@@ -68,7 +68,7 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
     model = lambda name: str(out / name / "model")  # noqa: E731
     from_scratch = ["--num_train_epochs", str(args.backbone_epochs), "--learning_rate", "1e-3"]
     backbone = ["--stage", "backbone", *from_scratch]
-    finetune = ["--learning_rate", "2e-4", "--num_train_epochs"]
+    finetune = ["--learning_rate", "2e-4", "--num_train_epochs", str(args.finetune_epochs)]
     forced = ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--train_token_path", "gathered"]
     half = max(args.finetune_epochs // 2, 1)
     epochs = {"adapt": half, "gate": args.gate_epochs, "joint": half}
@@ -76,13 +76,12 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
         "vit-p8": [*backbone, "--patch_size", "8"],
         "vit-p16": [*backbone, "--patch_size", "16"],
         "vit-p8-32px": [*backbone, "--patch_size", "8", "--image_size", "32"],
-        "all-fine": [*forced, "--split_policy", "all_fine",
-                     *finetune, str(args.finetune_epochs)],
-        "all-coarse": [*forced, "--split_policy", "all_coarse",
-                       *finetune, str(args.finetune_epochs)],
+        "all-fine": [*forced, "--split_policy", "all_fine", *finetune],
+        "all-coarse": [*forced, "--split_policy", "all_coarse", *finetune],
     }  # fmt: skip
 
     def gated(name: str, ratio: float, stage_extra: dict[str, list[str]] | None = None) -> None:
+        """adapt-* -> gate-* -> msvit-* at `ratio`; variants with an adapt extra get their own adapt run."""
         suffix = f"{ratio}-{name}" if name else f"{ratio}"
         adapt = f"adapt-{suffix}" if stage_extra and "adapt" in stage_extra else f"adapt-{ratio}"
         folders = {"adapt": str(out / adapt), "gate": str(out / f"gate-{suffix}")}
@@ -94,30 +93,26 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
         runs[f"msvit-{suffix}"] = stages["joint"]
 
     for ratio in RATIOS:
-        target = ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
         gated("", ratio)
         for policy in ("random", "centre"):
-            runs[f"{policy}-{ratio}"] = [
-                *forced, "--split_policy", policy, *target,
-                *finetune, str(args.finetune_epochs),
-            ]  # fmt: skip
-    for name, extra in {
+            runs[f"{policy}-{ratio}"] = [*forced, "--split_policy", policy, *budget_args(ratio), *finetune]
+    ablations = {
         "gbas": ["--gate_loss_type", "gbas"],
         "bas": ["--gate_loss_type", "bas"],
         "ratio-loss": ["--gate_loss_type", "ratio"],
         "key-mask": ["--masked_path_attention", "key_mask"],
         "gathered-training": ["--train_token_path", "gathered"],
-    }.items():
+    }
+    for name, extra in ablations.items():
         if extra[:2] != ["--gate_loss_type", args.gate_loss_type]:
             gated(name, 0.5, {"gate": extra})
     for ratio in (0.25, 0.75):  # the training path that gave the better gate at 0.5, at the other budgets
-        gated("gathered-training", ratio, {"gate": ["--train_token_path", "gathered"]})
+        gated("gathered-training", ratio, {"gate": ablations["gathered-training"]})
     gated("separate-coarse", 0.5, {"adapt": ["--separate_coarse_embedding"]})
     for ratio in (0.5, *RATIOS):  # 0.5 first: the from-scratch runs are the longest
         runs[f"scratch-{ratio}"] = [
-            "--stage", "scratch", *from_scratch, "--patch_size", "8", "--target_fine_ratio", str(ratio),
-            "--fine_ratio_budget", str(ratio), "--gate_loss_type", args.gate_loss_type, "--gate_loss_weight",
-            str(args.gate_loss_weight), "--masked_path_attention", "masked_softmax",
+            "--stage", "scratch", *from_scratch, "--patch_size", "8", *budget_args(ratio),
+            *gate_training_args(args.gate_loss_type, args.gate_loss_weight),
         ]  # fmt: skip
     return runs
 

@@ -17,6 +17,19 @@ the ones with the highest gate logits.
 LEARNING_RATES = {"adapt": "2e-4", "gate": "1e-3", "joint": "2e-4"}
 
 
+def budget_args(ratio: float) -> list[str]:
+    """Aim the gate loss at `ratio` and evaluate with exactly that fraction of regions split."""
+    return ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
+
+
+def gate_training_args(gate_loss_type: str = "ratio", gate_loss_weight: float = 20.0) -> list[str]:
+    """How a learned gate trains: masked path with the masked softmax, and the weighted budget loss."""
+    return [
+        "--gate_loss_type", gate_loss_type, "--gate_loss_weight", str(gate_loss_weight),
+        "--train_token_path", "masked", "--masked_path_attention", "masked_softmax",
+    ]  # fmt: skip
+
+
 def msvit_stage_args(
     backbone: str,
     folders: dict[str, str],
@@ -30,12 +43,10 @@ def msvit_stage_args(
 
     `backbone` is a ViT folder; each stage starts from `<folders[previous stage]>/model`. `stage_extra` appends
     arguments to a stage (ablations)."""
-    budget = ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
     sources = {"adapt": backbone, "gate": f"{folders['adapt']}/model", "joint": f"{folders['gate']}/model"}
     stage_args = {
         "adapt": ["--stage", "joint", "--split_policy", "random", "--train_token_path", "gathered"],
-        "gate": ["--stage", "gate", "--gate_loss_type", gate_loss_type, "--gate_loss_weight", str(gate_loss_weight),
-                 "--train_token_path", "masked", "--masked_path_attention", "masked_softmax"],
+        "gate": ["--stage", "gate", *gate_training_args(gate_loss_type, gate_loss_weight)],
         "joint": ["--stage", "joint"],
     }  # fmt: skip
     return {
@@ -43,7 +54,7 @@ def msvit_stage_args(
             *args,
             "--model_name_or_path",
             sources[stage],
-            *budget,
+            *budget_args(ratio),
             "--learning_rate",
             LEARNING_RATES[stage],
             "--num_train_epochs",

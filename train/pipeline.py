@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     ])  # fmt: skip
     folders = {name: str(output / name) for name in ("adapt", "gate")}
     epochs = {"adapt": args.adapt_epochs, "gate": args.gate_epochs, "joint": args.joint_epochs}
-    stages = msvit_stage_args(str(output / "backbone" / "model"), folders, args.target_fine_ratio, epochs)
-    stages["adapt"] += ["--coarse_patch_size", str(args.coarse_patch_size), "--skip_export"]
-    stages["gate"].append("--skip_export")
+    extra = {"adapt": ["--coarse_patch_size", str(args.coarse_patch_size), "--skip_export"], "gate": ["--skip_export"]}
+    stages = msvit_stage_args(
+        str(output / "backbone" / "model"), folders, args.target_fine_ratio, epochs, stage_extra=extra
+    )
     results = {name: stage(name, stage_args) for name, stage_args in stages.items()}
     adapt, gate, joint = results["adapt"], results["gate"], results["joint"]
 
