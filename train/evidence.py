@@ -156,13 +156,17 @@ def measure_on_test(
     `budgets` gives a fixed fine ratio for MSViTs trained with forced decisions (random, centre, all-coarse,
     all-fine), so that they are timed with the token counts they were evaluated with."""
     test = load_classification_splits("translated_fashion_mnist", seed=args.seed, max_eval_samples=args.timing_images)
-    inputs, models = {}, {}
+    inputs, models, processed = {}, {}, {}
     for name, folder in folders.items():
         models[name] = AutoModelForImageClassification.from_pretrained(folder).eval()
         if name in budgets:
             models[name].config.fine_ratio_budget = budgets[name]
         processor = AutoImageProcessor.from_pretrained(folder)
-        inputs[name] = processed_pixel_values(test["test"], processor, models[name].config.num_channels)
+        # most models share one image processor: process the test images once per distinct processor
+        key = (processor.to_json_string(), models[name].config.num_channels)
+        if key not in processed:
+            processed[key] = processed_pixel_values(test["test"], processor, models[name].config.num_channels)
+        inputs[name] = processed[key]
     speed = interleaved_images_per_second(models, inputs, 128, args.timing_repeats)
     measured = {name: {"throughput_vs_vit_p8": value / speed[reference]} for name, value in speed.items()}
     for name in gated:
