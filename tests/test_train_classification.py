@@ -180,9 +180,10 @@ def test_split_rates_on_content_count_item_and_empty_regions():
     split_mask[0, [0, 1]] = True  # the item's region and an empty one
     split_mask[1, 5] = True  # one of the item's two regions
 
+    batches = iter(split_mask.split(1))  # batch_size=1: one image per call, in order
+
     def model(batch):
-        start = next(i for i in range(2) if torch.equal(pixel_values[i], batch[0]))
-        return SimpleNamespace(split_mask=split_mask[start : start + len(batch)])
+        return SimpleNamespace(split_mask=next(batches))
 
     model.config = SimpleNamespace(coarse_patch_size=16)
     rates = split_rates_on_content(model, pixel_values, batch_size=1)
