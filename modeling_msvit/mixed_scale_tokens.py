@@ -18,7 +18,6 @@ position embeddings); the orders are fixed so that outputs can be mapped back to
 """
 
 import torch
-from torch.nn import functional as F
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -45,8 +44,13 @@ def fine_patches_by_parent(pixel_values: torch.Tensor, patch_size: int, ratio: i
 
 
 def downscaled_coarse_patches(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
-    """Coarse regions area-downscaled by `r` to `patch_size`: `(B, Nc, C*p*p)`, raster order."""
-    return patchify(F.avg_pool2d(pixel_values, ratio), patch_size)
+    """Coarse regions area-downscaled by `r` to `patch_size`: `(B, Nc, C*p*p)`, raster order.
+
+    The `r x r` area average is a sum of `r**2` strided views: exactly `avg_pool2d(pixel_values, r)`, 2-4x faster on
+    CPU than the pooling kernel.
+    """
+    pixel_sum = sum(pixel_values[..., row::ratio, column::ratio] for row in range(ratio) for column in range(ratio))
+    return patchify(pixel_sum / (ratio * ratio), patch_size)
 
 
 def group_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -62,9 +66,8 @@ def pool_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
 
     For position embeddings this is the linear interpolation at the coarse cell centres when `r = 2`.
     """
-    *lead, fine_h, fine_w, dim = fine_grid.shape
-    grid = fine_grid.reshape(*lead, fine_h // ratio, ratio, fine_w // ratio, ratio, dim)
-    return grid.mean(dim=(-4, -2)).reshape(*lead, -1, dim)
+    grouped = group_fine_grid(fine_grid, ratio)
+    return grouped.unflatten(-2, (-1, ratio * ratio)).mean(-2)
 
 
 def token_counts(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -112,14 +115,30 @@ def gathered_token_index(
     ).flatten()
     slot_active = torch.cat([~split_mask[..., None], split_mask[..., None].expand(-1, -1, children)], dim=-1)
     slot_active = slot_active.flatten(1)
-    # a stable sort moves active slots to the front and keeps their (region, child) order
-    order = torch.sort((~slot_active).to(torch.uint8), dim=1, stable=True).indices
-    counts = slot_active.sum(1)
+    # the permutation of a stable sort that moves active slots to the front, each group keeping its (region, child)
+    # order, from two running counts (cumsum + scatter export to ONNX; a stable sort does not)
+    active_rank = slot_active.cumsum(1) - 1
+    counts = active_rank[:, -1] + 1
+    inactive_rank = counts[:, None] + (~slot_active).cumsum(1) - 1
+    destination = torch.where(slot_active, active_rank, inactive_rank)
+    index = torch.empty_like(destination).scatter_(1, destination, slot_index.expand_as(destination))
     if length is None:
         length = int(counts.max())
-    index = slot_index[order[:, :length]]
     valid = torch.arange(length, device=device)[None, :] < counts[:, None]
-    return index, valid
+    return index[:, :length], valid
+
+
+def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`values[b, index[b, l]]` for `(B, N, D)` values (or `(N, D)` shared by all images) and a `(B, L)` index.
+
+    One `index_select` over the flattened rows: on CPU it is an order of magnitude faster than `gather` with an index
+    expanded over `D`, which reads one index per element.
+    """
+    if values.ndim == 2:
+        return values.index_select(0, index.flatten()).unflatten(0, index.shape)
+    batch_size, num_values, dim = values.shape
+    rows = index + num_values * torch.arange(batch_size, device=index.device)[:, None]
+    return values.reshape(-1, dim).index_select(0, rows.flatten()).unflatten(0, index.shape)
 
 
 def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
@@ -135,6 +154,7 @@ __all__ = [
     "candidate_mask_values",
     "downscaled_coarse_patches",
     "fine_patches_by_parent",
+    "gather_tokens",
     "gathered_token_index",
     "group_fine_grid",
     "patchify",

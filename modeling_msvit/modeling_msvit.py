@@ -26,6 +26,7 @@ from .mixed_scale_tokens import (
     candidate_mask_values,
     downscaled_coarse_patches,
     fine_patches_by_parent,
+    gather_tokens,
     gathered_token_index,
     group_fine_grid,
     patchify,
@@ -251,14 +252,14 @@ class MSViTEmbeddings(nn.Module):
         if token_path == "masked":
             index = torch.arange(candidates.shape[1], device=candidates.device).expand(batch_size, -1)
             valid = candidate_active_mask(split_mask, self.ratio)
+            tokens = self.embed_patches(candidates, index < num_coarse) + positions
         else:
             if budgeted:
                 # fixed budget: every image has the same length, known without looking at the data
                 static_length = num_coarse + (self.ratio**2 - 1) * self.num_split_in_budget(num_coarse)
             index, valid = gathered_token_index(split_mask, self.ratio, static_length)
-            candidates = candidates.gather(1, index[..., None].expand(-1, -1, candidates.shape[-1]))
-
-        tokens = self.embed_patches(candidates, index < num_coarse) + positions[index]
+            candidates = gather_tokens(candidates, index)
+            tokens = self.embed_patches(candidates, index < num_coarse) + gather_tokens(positions, index)
         token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
         key_weights = None
         if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":
