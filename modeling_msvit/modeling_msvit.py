@@ -430,6 +430,33 @@ class MSViTPreTrainedModel(PreTrainedModel):
             # start near the compute target: a region's prior split probability is `target_fine_ratio`
             init.constant_(module.split_logit_bias, self._target_logit())
 
+    def set_budget(self, fine_ratio: float | None = None, threshold: float | None = None) -> None:
+        """Change the inference compute of a trained model, without retraining (give exactly one argument).
+
+        Args:
+            fine_ratio: split exactly `round(fine_ratio * num_coarse)` regions per image, those with the highest split
+                logits. Every image then has the same token count, known before the forward pass: the static path
+                of `torch.compile(fullgraph=True)`, `torch.export` and ONNX.
+            threshold: split every region whose split probability exceeds it; token counts vary per image and the
+                batch is padded to its longest image. Clears a fine-ratio budget.
+
+        Both are stored in the config (`fine_ratio_budget`, `gate_threshold`), so they are saved with the model.
+        Training ignores them: the gate samples its decisions.
+        """
+        if (fine_ratio is None) == (threshold is None):
+            raise ValueError(
+                "Pass exactly one of `fine_ratio` (split a fixed fraction of regions per image) or `threshold` "
+                f"(split regions whose split probability exceeds it), got fine_ratio={fine_ratio}, "
+                f"threshold={threshold}."
+            )
+        if fine_ratio is not None and not 0.0 <= fine_ratio <= 1.0:
+            raise ValueError(f"`fine_ratio` must lie in [0, 1], got {fine_ratio}.")
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise ValueError(f"`threshold` must lie in (0, 1), got {threshold}.")
+        self.config.fine_ratio_budget = fine_ratio
+        if threshold is not None:
+            self.config.gate_threshold = threshold
+
     def _target_logit(self) -> float:
         """`logit(target_fine_ratio)`, the target clipped to [0.01, 0.99] so that 0 and 1 stay finite."""
         target = min(max(self.config.target_fine_ratio, 0.01), 0.99)

@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     budgets = []
     for budget in args.budgets:
-        model.config.fine_ratio_budget = budget
+        model.set_budget(fine_ratio=budget)
         with torch.no_grad():
             counts = model(pixel_values).token_counts
         budgets.append({"fine_ratio_budget": budget, "tokens": int(counts[0]), "gmacs": round(
             model.compute_macs(counts)[0].item() / 1e9, 3)})  # fmt: skip
-    model.config.fine_ratio_budget = None
+    model.set_budget(threshold=model.config.gate_threshold)
 
     hub_folder = export_hub_folder(model, output / f"{args.preset}-hub", description=(
         "Randomly initialised weights written by the repository's demo; the gate is untrained."))  # fmt: skip

@@ -160,7 +160,7 @@ def measure_on_test(
     for name, folder in folders.items():
         models[name] = AutoModelForImageClassification.from_pretrained(folder).eval()
         if name in budgets:
-            models[name].config.fine_ratio_budget = budgets[name]
+            models[name].set_budget(fine_ratio=budgets[name])
         processor = AutoImageProcessor.from_pretrained(folder)
         # most models share one image processor: process the test images once per distinct processor
         key = (processor.to_json_string(), models[name].config.num_channels)

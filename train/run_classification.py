@@ -200,10 +200,10 @@ def build_model(args: argparse.Namespace, labels: list[str], num_channels: int, 
         # only the gate and its loss's priors learn; the backbone stays as converted
         for name, parameter in model.named_parameters():
             parameter.requires_grad = ".gate." in name or ".gate_criterion." in name
-    if is_msvit(model):
-        for name in ("gate_threshold", "fine_ratio_budget"):
-            if getattr(args, name) is not None:
-                setattr(model.config, name, getattr(args, name))
+    if is_msvit(model) and args.gate_threshold is not None:
+        model.set_budget(threshold=args.gate_threshold)
+    if is_msvit(model) and args.fine_ratio_budget is not None:  # a fixed budget takes precedence at inference
+        model.set_budget(fine_ratio=args.fine_ratio_budget)
     if processor is None:
         size = model.config.image_size
         processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=0.5, image_std=0.5)
