@@ -64,7 +64,8 @@ class MSViTModelOutput(ModelOutput):
     token_counts (`torch.LongTensor` of shape `(batch_size,)`):
         Active tokens per image including CLS: `1 + Nc + (r**2 - 1) * #split`.
     gate_loss (`torch.FloatTensor` of shape `()`):
-        The compute-budget loss on the gate (`config.gate_loss_type`), unweighted; None when decisions were forced.
+        The compute-budget loss on the gate's sampled decisions (`config.gate_loss_type`), unweighted; training only
+        (None at inference, where the budget or threshold sets the compute, and when decisions were forced).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -226,7 +227,8 @@ class MSViTEmbeddings(nn.Module):
             hard = topk_split_mask(split_logits, self.num_split_in_budget(split_logits.shape[1]))
         else:
             hard = split_probs > self.config.gate_threshold
-        return hard.to(split_logits.dtype), hard, split_probs
+        # no gate loss at inference: it would only cost time, and gBaS's per-position priors fix the grid size
+        return hard.to(split_logits.dtype), hard, None
 
     def num_split_in_budget(self, num_coarse: int) -> int:
         return round(self.config.fine_ratio_budget * num_coarse)

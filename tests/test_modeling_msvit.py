@@ -132,14 +132,25 @@ def test_gate_receives_task_gradient_through_the_straight_through_estimator(pixe
 
 
 def test_loss_is_cross_entropy_plus_weighted_ratio_loss(pixel_values):
-    config = tiny_config(gate_loss_type="ratio", gate_loss_weight=0.5, target_fine_ratio=0.25)
-    model = MSViTForImageClassification(config).eval()
+    config = tiny_config(gate_loss_type="ratio", gate_loss_weight=0.5, target_fine_ratio=0.25, gate_temperature=0.5)
+    model = MSViTForImageClassification(config).train()
     labels = torch.arange(8) % 5
+    torch.manual_seed(3)
     outputs = model(pixel_values, labels=labels)
-    expected_gate_loss = (outputs.split_probs.mean() - 0.25) ** 2
-    torch.testing.assert_close(outputs.gate_loss, expected_gate_loss)
+    # the same Gumbel noise, drawn as `gumbel_sigmoid` draws it, gives the soft decisions the ratio loss reads
+    torch.manual_seed(3)
+    uniform = torch.rand_like(outputs.split_probs).clamp(1e-6, 1 - 1e-6)
+    logits = torch.logit(outputs.split_probs.detach())
+    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / 0.5)
+    expected_gate_loss = (soft.mean() - 0.25) ** 2
+    torch.testing.assert_close(outputs.gate_loss, expected_gate_loss, rtol=1e-4, atol=1e-6)
     expected = torch.nn.functional.cross_entropy(outputs.logits, labels) + 0.5 * expected_gate_loss
-    torch.testing.assert_close(outputs.loss, expected)
+    torch.testing.assert_close(outputs.loss, expected, rtol=1e-4, atol=1e-6)
+
+    model.eval()  # inference: the budget or threshold sets the compute; the loss is the task's alone
+    outputs = model(pixel_values, labels=labels)
+    assert outputs.gate_loss is None
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.cross_entropy(outputs.logits, labels))
 
 
 def test_training_decisions_are_hard_and_vary_with_the_gumbel_noise(pixel_values):

@@ -187,12 +187,12 @@ def test_trainer_loss_includes_the_gate_loss(start_dir, data, tmp_path):
         torch.testing.assert_close(trainer_loss, expected)
         torch.testing.assert_close(trainer_outputs.gate_loss, outputs.gate_loss)
 
-    # evaluation (hard decisions) reports the same sum, with the gate loss of the gate's probabilities if any
+    # evaluation (hard decisions at the budget or threshold) reports the task loss alone
     model.eval()
     with torch.no_grad():
         outputs = model(**batch)
-    gate_term = 0.0 if outputs.gate_loss is None else 2.5 * outputs.gate_loss
-    torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, batch["labels"]) + gate_term)
+    assert outputs.gate_loss is None
+    torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, batch["labels"]))
 
 
 def test_gate_loss_weight_does_not_grow_with_gradient_accumulation(start_dir, data, tmp_path):
