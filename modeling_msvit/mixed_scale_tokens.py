@@ -33,24 +33,29 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, -1, channels * patch_size * patch_size)
 
 
-def fine_patches_by_parent(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
-    """Fine patches `(B, Nc * r**2, C*p*p)` in candidate order: grouped by coarse parent, raster order inside."""
+def candidate_patches(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
+    """All candidate patches `(B, Nc + Nf, C*p*p)` in candidate layout: the coarse regions area-downscaled by `r` to
+    `patch_size` (raster order), then the fine patches grouped by parent (raster order inside each region).
+
+    Each half is written straight into the output from a strided view of the image: one copy per pixel, no
+    concatenation. The `r x r` area average is a sum of `r**2` strided views, exactly `avg_pool2d(pixel_values, r)`
+    and 2-4x faster than that kernel on CPU.
+    """
     batch_size, channels, height, width = pixel_values.shape
     coarse_h, coarse_w = height // (patch_size * ratio), width // (patch_size * ratio)
-    patches = pixel_values.reshape(batch_size, channels, coarse_h, ratio, patch_size, coarse_w, ratio, patch_size)
-    # (B, Hc, Wc, r, r, C, p, p): parent cell, then child row/column, then the patch itself
-    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)
-    return patches.reshape(batch_size, -1, channels * patch_size * patch_size)
-
-
-def downscaled_coarse_patches(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
-    """Coarse regions area-downscaled by `r` to `patch_size`: `(B, Nc, C*p*p)`, raster order.
-
-    The `r x r` area average is a sum of `r**2` strided views: exactly `avg_pool2d(pixel_values, r)`, 2-4x faster on
-    CPU than the pooling kernel.
-    """
+    num_coarse = coarse_h * coarse_w
+    patches = pixel_values.new_empty(batch_size, num_coarse * (1 + ratio * ratio), channels * patch_size * patch_size)
     pixel_sum = sum(pixel_values[..., row::ratio, column::ratio] for row in range(ratio) for column in range(ratio))
-    return patchify(pixel_sum / (ratio * ratio), patch_size)
+    downscaled = (pixel_sum / (ratio * ratio)).view(batch_size, channels, coarse_h, patch_size, coarse_w, patch_size)
+    patches[:, :num_coarse].view(batch_size, coarse_h, coarse_w, channels, patch_size, patch_size).copy_(
+        downscaled.permute(0, 2, 4, 1, 3, 5)
+    )
+    fine = pixel_values.view(batch_size, channels, coarse_h, ratio, patch_size, coarse_w, ratio, patch_size)
+    # (B, Hc, Wc, r, r, C, p, p): parent cell, then child row/column, then the patch itself
+    patches[:, num_coarse:].view(batch_size, coarse_h, coarse_w, ratio, ratio, channels, patch_size, patch_size).copy_(
+        fine.permute(0, 2, 5, 3, 6, 1, 4, 7)
+    )
+    return patches
 
 
 def group_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -152,8 +157,7 @@ def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
 __all__ = [
     "candidate_active_mask",
     "candidate_mask_values",
-    "downscaled_coarse_patches",
-    "fine_patches_by_parent",
+    "candidate_patches",
     "gather_tokens",
     "gathered_token_index",
     "group_fine_grid",

@@ -24,8 +24,7 @@ from .macs_msvit import encoder_macs, mlp_macs
 from .mixed_scale_tokens import (
     candidate_active_mask,
     candidate_mask_values,
-    downscaled_coarse_patches,
-    fine_patches_by_parent,
+    candidate_patches,
     gather_tokens,
     gathered_token_index,
     group_fine_grid,
@@ -198,10 +197,21 @@ class MSViTEmbeddings(nn.Module):
             )[0].permute(1, 2, 0)
         return torch.cat([pool_fine_grid(fine_grid, self.ratio), group_fine_grid(fine_grid, self.ratio)], dim=0)
 
-    def embed_patches(self, patches: torch.Tensor, is_coarse: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch_embeddings(patches)
+    def embed_patches(
+        self, patches: torch.Tensor, index: torch.Tensor, num_coarse: int, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Patch plus position embeddings `(B, L, D)` of the patches `(B, L, P)` at candidate `index` `(B, L)`.
+
+        The position embeddings and the bias are the starting value of one fused matrix product (`addmm`), which
+        saves a pass over the tokens.
+        """
+        projection = self.patch_embeddings.projection
+        start = gather_tokens(positions + projection.bias, index)
+        tokens = torch.addmm(start.flatten(0, 1), patches.flatten(0, 1), projection.weight.flatten(1).t())
+        tokens = tokens.view(start.shape[0], start.shape[1], -1)
         if self.coarse_patch_embeddings is not None:
-            tokens = torch.where(is_coarse[..., None], self.coarse_patch_embeddings(patches), tokens)
+            coarse = self.coarse_patch_embeddings(patches) + gather_tokens(positions, index)
+            tokens = torch.where((index < num_coarse)[..., None], coarse, tokens)
         return tokens
 
     def gate_inputs(self, pixel_values: torch.Tensor, coarse_patches: torch.Tensor) -> torch.Tensor:
@@ -241,27 +251,26 @@ class MSViTEmbeddings(nn.Module):
         interpolate_pos_encoding: bool = False,
     ) -> MixedScaleTokens:
         batch_size, _, height, width = pixel_values.shape
-        coarse_patches = downscaled_coarse_patches(pixel_values, self.patch_size, self.ratio)
-        num_coarse = coarse_patches.shape[1]
+        num_coarse = (height // self.config.coarse_patch_size) * (width // self.config.coarse_patch_size)
+        candidates = candidate_patches(pixel_values, self.patch_size, self.ratio)
+        coarse_patches = candidates[:, :num_coarse]
         split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
         budgeted = split_mask is None and not self.training and self.config.fine_ratio_budget is not None
         split_probs = torch.sigmoid(split_logits)
         split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask)
 
-        candidates = torch.cat([coarse_patches, fine_patches_by_parent(pixel_values, self.patch_size, self.ratio)], 1)
         positions = self.candidate_position_embeddings(height, width, interpolate_pos_encoding)
         static_length = None
         if token_path == "masked":
             index = torch.arange(candidates.shape[1], device=candidates.device).expand(batch_size, -1)
             valid = candidate_active_mask(split_mask, self.ratio)
-            tokens = self.embed_patches(candidates, index < num_coarse) + positions
         else:
             if budgeted:
                 # fixed budget: every image has the same length, known without looking at the data
                 static_length = num_coarse + (self.ratio**2 - 1) * self.num_split_in_budget(num_coarse)
             index, valid = gathered_token_index(split_mask, self.ratio, static_length)
             candidates = gather_tokens(candidates, index)
-            tokens = self.embed_patches(candidates, index < num_coarse) + gather_tokens(positions, index)
+        tokens = self.embed_patches(candidates, index, num_coarse, positions)
         token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
         key_weights = None
         if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":

@@ -5,8 +5,7 @@ from torch.nn import functional as F
 from modeling_msvit.mixed_scale_tokens import (
     candidate_active_mask,
     candidate_mask_values,
-    downscaled_coarse_patches,
-    fine_patches_by_parent,
+    candidate_patches,
     gathered_token_index,
     group_fine_grid,
     patchify,
@@ -24,22 +23,23 @@ def test_patchify_matches_strided_convolution():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_fine_patches_are_grouped_by_parent():
+def test_fine_candidates_are_grouped_by_parent():
     # one channel, 1x1 patches, r = 2, a 4x6 image whose pixel value is its raster index
     pixels = torch.arange(24.0).reshape(1, 1, 4, 6)
-    fine = fine_patches_by_parent(pixels, patch_size=1, ratio=2)[0, :, 0]
+    fine = candidate_patches(pixels, patch_size=1, ratio=2)[0, 6:, 0]
     # coarse grid 2x3; region 0 covers pixels (0,0),(0,1),(1,0),(1,1); region 1 starts at column 2; ...
     expected = [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11, 12, 13, 18, 19, 14, 15, 20, 21, 16, 17, 22, 23]
     assert fine.tolist() == expected
 
 
-def test_downscaled_coarse_patch_is_the_area_average():
-    pixels = torch.randn(2, 3, 16, 16)
-    coarse = downscaled_coarse_patches(pixels, patch_size=4, ratio=2)  # regions of 8x8 -> 4x4
-    assert coarse.shape == (2, 4, 3 * 4 * 4)
-    region = pixels[1, :, 8:16, 0:8]  # region 2 (second row, first column)
+def test_coarse_candidates_are_the_area_averages():
+    pixels = torch.randn(2, 3, 16, 24)
+    candidates = candidate_patches(pixels, patch_size=4, ratio=2)  # regions of 8x8 -> 4x4, a 2x3 coarse grid
+    assert candidates.shape == (2, 6 + 24, 3 * 4 * 4)
+    region = pixels[1, :, 8:16, 0:8]  # region 3 (second row, first column)
     expected = region.reshape(3, 4, 2, 4, 2).mean(dim=(2, 4)).flatten()
-    torch.testing.assert_close(coarse[1, 2], expected)
+    torch.testing.assert_close(candidates[1, 3], expected)
+    torch.testing.assert_close(candidates[:, :6], patchify(F.avg_pool2d(pixels, 2), 4), rtol=0, atol=1e-6)
 
 
 def test_group_and_pool_fine_grid_by_hand():

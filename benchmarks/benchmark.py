@@ -1,0 +1,413 @@
+"""Side-by-side speed of MSViT against transformers' ViT/16 and ViT/32 of the same width and depth.
+
+    python -m benchmarks.benchmark                        # the committed CPU run (under 10 minutes on 2 cores)
+    python -m benchmarks.benchmark --device cuda --dtypes bf16 --attn sdpa --batch_sizes 1 8 32 64 128 256
+
+Every figure is a ratio measured in one process: for each (dtype, attention, batch size) cell the models run in
+interleaved repetitions (ViT/16, ViT/32, MSViT at each fine ratio, then again), the first `--warmup` repetitions are
+discarded and the median of the rest is kept. The fine ratio is forced exactly with the fixed budget
+(`model.set_budget(fine_ratio=...)`), so every image of a batch has `1 + Nc + 3 * round(ratio * Nc)` tokens. Random
+weights: speed does not depend on what the weights are.
+
+Sections:
+* `inference`: the grid above; speed-up = ViT/16 time / model time, beside the analytic MAC speed-up of the same
+  inputs (`compute_macs` / `vit_macs`) and images/s.
+* `ragged`: a batch whose images have different fine ratios (forced split masks, mean = `--ragged_mean`), on the
+  gathered path (padded to the longest image) with each attention implementation, against the fixed budget at the
+  same mean ratio: the cost of padding, and whether flex attention pays.
+* `training`: one optimizer step (forward, backward, AdamW) of the ViT/16 and of the MSViT on the masked path (all
+  `1 + Nc + Nf` candidate tokens, both masked-path attentions) and on the gathered path.
+* `compiled` (with `--compile`): the fixed-budget MSViT and the ViT/16 under `torch.compile(fullgraph=True)`.
+
+Outputs in `--output_dir`: `results.json` (every measurement and the machine), `table.md` and `speedup.png`;
+`--readme README.md` rewrites the README's performance section from them.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import ViTConfig, ViTForImageClassification
+
+from modeling_msvit import MSViTForImageClassification
+from modeling_msvit.macs_msvit import vit_macs_for_config
+from tools.presets import load_preset, preset_names
+
+from .report import check_targets, plot_speedups, update_readme, write_table
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+SECTIONS = ("inference", "ragged", "training", "compiled")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--preset", default="msvit-tiny", choices=preset_names(), help="MSViT size; the ViTs get its width/depth.")
+    add("--image_size", type=int, default=224)
+    add("--batch_sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    add("--fine_ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    add("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"], help="bf16 = autocast.")
+    add("--attn", nargs="+", choices=("eager", "sdpa"), default=["sdpa", "eager"], help="attn_implementation.")
+    add("--warmup", type=int, default=1, help="Discarded repetitions per cell.")
+    add("--repeats", type=int, default=5, help="Timed repetitions per cell (the median is kept).")
+    add("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads (CPU).")
+    add("--device", default="cpu")
+    add("--ragged_batch_size", type=int, default=32)
+    add("--ragged_mean", type=float, default=0.5, help="Mean fine ratio of the ragged batch (spread +-0.25).")
+    add("--train_batch_size", type=int, default=16)
+    add(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=["inference", "ragged", "training"],
+        help="What to measure; `compiled` (torch.compile(fullgraph=True)) adds minutes of compiling on CPU.",
+    )
+    add("--output_dir", type=Path, default=Path("benchmarks/results/cpu"))
+    add("--readme", type=Path, help="Rewrite this README's performance section from the results.")
+    add("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """The MSViT preset and ViT/16 and ViT/32 classifiers of the same width, depth and head, random weights."""
+    torch.manual_seed(args.seed)
+    config = load_preset(args.preset, image_size=args.image_size, num_labels=1000)
+    vit_fields = {
+        name: getattr(config, name)
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "image_size",
+            "num_channels",
+            "qkv_bias",
+            "num_labels",
+        )
+    }
+    models = {
+        "vit16": ViTForImageClassification(ViTConfig(patch_size=config.patch_size, **vit_fields)),
+        "vit32": ViTForImageClassification(ViTConfig(patch_size=config.coarse_patch_size, **vit_fields)),
+        "msvit": MSViTForImageClassification(config),
+    }
+    return {name: model.to(args.device) for name, model in models.items()}
+
+
+def vit_macs_per_image(models: dict[str, torch.nn.Module]) -> dict[str, float]:
+    return {name: float(vit_macs_for_config(models[name].config, num_labels=1000)) for name in ("vit16", "vit32")}
+
+
+def msvit_macs_per_image(msvit: torch.nn.Module, token_counts: torch.Tensor) -> float:
+    """Mean analytic MACs per image of the MSViT over a batch with these token counts."""
+    return msvit.compute_macs(token_counts.cpu()).double().mean().item()
+
+
+class Timer:
+    """Wall time of a callable, synchronising the accelerator so that queued kernels are counted."""
+
+    def __init__(self, device: str):
+        self.synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def __call__(self, function: Callable[[], object]) -> float:
+        self.synchronize()
+        start = time.perf_counter()
+        function()
+        self.synchronize()
+        return time.perf_counter() - start
+
+
+def interleaved_medians(
+    runners: dict[str, Callable[[], object]], timer: Timer, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each runner over `repeats` interleaved repetitions, after `warmup` discarded ones."""
+    seconds = {name: [] for name in runners}
+    for repeat in range(warmup + repeats):
+        for name, runner in runners.items():
+            elapsed = timer(runner)
+            if repeat >= warmup:
+                seconds[name].append(elapsed)
+    return seconds
+
+
+def summarise(seconds: list[float], batch_size: int, baseline: list[float], macs: float, baseline_macs: float):
+    median = statistics.median(seconds)
+    speedup = statistics.median(baseline) / median
+    mac_speedup = baseline_macs / macs
+    return {
+        "seconds": median,
+        "seconds_all": seconds,
+        "images_per_second": batch_size / median,
+        "gmacs_per_image": macs / 1e9,
+        "speedup_vs_vit16": speedup,
+        "mac_speedup_vs_vit16": mac_speedup,
+        "efficiency": speedup / mac_speedup,
+    }
+
+
+def inference_runner(model: torch.nn.Module, pixel_values: torch.Tensor, autocast, **kwargs) -> Callable[[], object]:
+    def run():
+        with torch.inference_mode(), autocast():
+            return model(pixel_values, **kwargs)
+
+    return run
+
+
+def autocast_for(dtype_name: str, device: str):
+    dtype = DTYPES[dtype_name]
+    device_type = torch.device(device).type
+    return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else nullcontext
+
+
+def bench_inference(args, models, timer: Timer) -> list[dict]:
+    records = []
+    msvit = models["msvit"]
+    vit_macs = vit_macs_per_image(models)
+    cells = [(dtype, attn, size) for dtype in args.dtypes for attn in args.attn for size in args.batch_sizes]
+    for dtype, attn, batch_size in tqdm(cells, desc="inference", unit="cell"):
+        for model in models.values():
+            model.set_attn_implementation(attn)
+        pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
+        autocast = autocast_for(dtype, args.device)
+        runners = {name: inference_runner(models[name], pixel_values, autocast) for name in ("vit16", "vit32")}
+        token_counts = {}
+        for ratio in args.fine_ratios:
+            msvit.set_budget(fine_ratio=ratio)
+            with torch.inference_mode():
+                token_counts[ratio] = msvit(pixel_values).token_counts
+            runners[ratio] = budget_runner(msvit, pixel_values, autocast, ratio)
+        seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+        base = {"dtype": dtype, "attn": attn, "batch_size": batch_size}
+        for name in ("vit16", "vit32"):
+            records.append(
+                {
+                    **base,
+                    "model": name,
+                    "fine_ratio": None,
+                    "tokens": models[name].vit.embeddings.patch_embeddings.num_patches + 1,
+                }
+                | summarise(seconds[name], batch_size, seconds["vit16"], vit_macs[name], vit_macs["vit16"])
+            )
+        for ratio, counts in token_counts.items():
+            macs = msvit_macs_per_image(msvit, counts)
+            records.append(
+                {**base, "model": "msvit", "fine_ratio": ratio, "tokens": int(counts[0])}
+                | summarise(seconds[ratio], batch_size, seconds["vit16"], macs, vit_macs["vit16"])
+            )
+    return records
+
+
+def budget_runner(msvit, pixel_values, autocast, ratio: float) -> Callable[[], object]:
+    run = inference_runner(msvit, pixel_values, autocast)
+
+    def run_at_budget():
+        msvit.set_budget(fine_ratio=ratio)
+        return run()
+
+    return run_at_budget
+
+
+def ragged_split_mask(batch_size: int, num_coarse: int, mean: float, generator: torch.Generator) -> torch.Tensor:
+    """Split masks whose per-image fine ratios spread evenly over `mean +- 0.25`, in random regions."""
+    ratios = torch.linspace(max(mean - 0.25, 0.0), min(mean + 0.25, 1.0), batch_size)
+    ranks = torch.rand(batch_size, num_coarse, generator=generator).argsort(1).argsort(1)
+    return ranks < (ratios[:, None] * num_coarse).round()
+
+
+def bench_ragged(args, models, timer: Timer) -> list[dict]:
+    msvit = models["msvit"]
+    num_coarse = msvit.config.coarse_grid_size[0] * msvit.config.coarse_grid_size[1]
+    generator = torch.Generator().manual_seed(args.seed)
+    batch_size = args.ragged_batch_size
+    pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
+    split_mask = ragged_split_mask(batch_size, num_coarse, args.ragged_mean, generator).to(args.device)
+    counts = 1 + num_coarse + (msvit.config.scale_ratio**2 - 1) * split_mask.sum(1)
+    runners, implementations = {}, ("sdpa", "eager", "flex_attention")
+
+    def with_attention(implementation: str, run: Callable[[], object]) -> Callable[[], object]:
+        def run_with():
+            for model in models.values():
+                model.set_attn_implementation(implementation)
+            return run()
+
+        return run_with
+
+    runners["vit16"] = with_attention("sdpa", inference_runner(models["vit16"], pixel_values, nullcontext))
+    runners["budget"] = with_attention("sdpa", budget_runner(msvit, pixel_values, nullcontext, args.ragged_mean))
+    for implementation in implementations:
+        run = inference_runner(msvit, pixel_values, nullcontext, split_mask=split_mask)
+        runners[implementation] = with_attention(implementation, run)
+    for runner in tqdm(runners.values(), desc="ragged warm-up", unit="path"):
+        runner()  # flex attention compiles its mask kernels on the first call
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+    vit_macs = vit_macs_per_image(models)["vit16"]
+    budget_counts = torch.full_like(counts, 1 + num_coarse + 3 * round(args.ragged_mean * num_coarse))
+    macs = {"vit16": vit_macs, "budget": msvit_macs_per_image(msvit, budget_counts)}
+    records = []
+    for name in runners:
+        path = "fixed budget" if name == "budget" else ("vit16" if name == "vit16" else "ragged")
+        mac = macs.get(name) or msvit_macs_per_image(msvit, counts)
+        records.append(
+            {
+                "batch_size": batch_size,
+                "path": path,
+                "attn": "sdpa" if name in ("vit16", "budget") else name,
+                "tokens_min": int(counts.min()),
+                "tokens_max": int(counts.max()),
+                "tokens_mean": counts.float().mean().item(),
+            }
+            | summarise(seconds[name], batch_size, seconds["vit16"], mac, vit_macs)
+        )
+    return records
+
+
+def bench_training(args, models, timer: Timer) -> list[dict]:
+    msvit = models["msvit"]
+    batch_size = args.train_batch_size
+    generator = torch.Generator().manual_seed(args.seed)
+    pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator).to(args.device)
+    labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(args.device)
+    variants = {
+        "vit16": (models["vit16"], {}, None),
+        "masked (key mask)": (msvit, {"token_path": "masked"}, "key_mask"),
+        "masked (masked softmax)": (msvit, {"token_path": "masked"}, "masked_softmax"),
+        "gathered": (msvit, {"token_path": "gathered"}, None),
+    }
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-6) for name, (model, _, _) in variants.items()}
+    runners = {}
+    for name, (model, kwargs, masked_attention) in variants.items():
+
+        def step(model=model, kwargs=kwargs, masked_attention=masked_attention, optimizer=optimizers[name]):
+            model.train()
+            if masked_attention is not None:
+                model.config.masked_path_attention = masked_attention
+            loss = model(pixel_values, labels=labels, **kwargs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        runners[name] = step
+    for model in models.values():
+        model.set_attn_implementation("sdpa")
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+    for model in models.values():
+        model.eval()
+    base = statistics.median(seconds["vit16"])
+    return [
+        {
+            "batch_size": batch_size,
+            "attn": "sdpa",
+            "path": name,
+            "seconds": statistics.median(values),
+            "seconds_all": values,
+            "time_vs_vit16": statistics.median(values) / base,
+        }
+        for name, values in seconds.items()
+    ]
+
+
+def bench_compiled(args, models, timer: Timer) -> list[dict]:
+    msvit, vit16 = models["msvit"], models["vit16"]
+    for model in models.values():
+        model.set_attn_implementation("sdpa")
+    batch_size = 8 if 8 in args.batch_sizes else args.batch_sizes[0]
+    pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
+    msvit.set_budget(fine_ratio=0.5)
+    compiled = {"vit16": torch.compile(vit16, fullgraph=True), "msvit": torch.compile(msvit, fullgraph=True)}
+    runners = {
+        "vit16": inference_runner(vit16, pixel_values, nullcontext),
+        "msvit": inference_runner(msvit, pixel_values, nullcontext),
+        "vit16 compiled": inference_runner(compiled["vit16"], pixel_values, nullcontext),
+        "msvit compiled": inference_runner(compiled["msvit"], pixel_values, nullcontext),
+    }
+    for name in tqdm(("vit16 compiled", "msvit compiled"), desc="compiling", unit="model"):
+        runners[name]()
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+    base = statistics.median(seconds["vit16"])
+    return [
+        {"batch_size": batch_size, "fine_ratio": 0.5, "model": name, "seconds": statistics.median(values)}
+        | {"speedup_vs_vit16": base / statistics.median(values)}
+        for name, values in seconds.items()
+    ]
+
+
+def warm_up(args, models) -> None:
+    """One pass of every model at every batch size, so that no cell pays for first-call allocations."""
+    for batch_size in tqdm(args.batch_sizes, desc="warm-up", unit="batch size"):
+        pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
+        with torch.inference_mode():
+            for model in models.values():
+                model(pixel_values)
+
+
+def machine_description(device: str, threads: int) -> dict:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_model_name()
+    return {
+        "device": name,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "python": platform.python_version(),
+    }
+
+
+def cpu_model_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = build_models(args)
+    for model in models.values():
+        model.eval()
+    timer = Timer(args.device)
+    started = time.perf_counter()
+    results = {
+        "machine": machine_description(args.device, args.threads),
+        "protocol": {
+            "preset": args.preset,
+            "image_size": args.image_size,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "statistic": "median",
+            "order": "interleaved",
+        },
+    }
+    warm_up(args, models)
+    benches = {"inference": bench_inference, "ragged": bench_ragged, "training": bench_training}
+    benches["compiled"] = bench_compiled
+    for section in args.sections:
+        results[section] = benches[section](args, models, timer)
+    results["protocol"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+    results["targets"] = check_targets(results)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = write_table(results, args.output_dir / "table.md")
+    if "inference" in results:
+        plot_speedups(results, args.output_dir / "speedup.png")
+    if args.readme is not None:
+        update_readme(args.readme, table, args.output_dir)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
