@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"], help="bf16 = autocast.")
     add("--attn", nargs="+", choices=("eager", "sdpa"), default=["sdpa", "eager"], help="attn_implementation.")
     add("--warmup", type=int, default=1, help="Discarded repetitions per cell.")
-    add("--repeats", type=int, default=5, help="Timed repetitions per cell (the median is kept).")
+    add("--repeats", type=int, default=5, help="Timed repetitions per cell, at least (the median is kept).")
+    add("--min_cell_seconds", type=float, default=3.0, help="Repeat a cell until its timed repetitions last this.")
     add("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads (CPU).")
     add("--device", default="cpu")
     add("--ragged_batch_size", type=int, default=32)
@@ -127,15 +128,18 @@ class Timer:
 
 
 def interleaved_medians(
-    runners: dict[str, Callable[[], object]], timer: Timer, warmup: int, repeats: int
+    runners: dict[str, Callable[[], object]], timer: Timer, warmup: int, repeats: int, min_seconds: float = 0.0
 ) -> dict[str, list[float]]:
-    """Seconds of each runner over `repeats` interleaved repetitions, after `warmup` discarded ones."""
+    """Seconds of each runner over interleaved repetitions, after `warmup` discarded ones: at least `repeats`, and
+    more while the timed repetitions took less than `min_seconds` in all (cheap cells get more samples)."""
     seconds = {name: [] for name in runners}
-    for repeat in range(warmup + repeats):
+    for _ in range(warmup):
+        for runner in runners.values():
+            timer(runner)
+    started = time.perf_counter()
+    while len(seconds[next(iter(runners))]) < repeats or time.perf_counter() - started < min_seconds:
         for name, runner in runners.items():
-            elapsed = timer(runner)
-            if repeat >= warmup:
-                seconds[name].append(elapsed)
+            seconds[name].append(timer(runner))
     return seconds
 
 
@@ -185,7 +189,7 @@ def bench_inference(args, models, timer: Timer) -> list[dict]:
             with torch.inference_mode():
                 token_counts[ratio] = msvit(pixel_values).token_counts
             runners[ratio] = budget_runner(msvit, pixel_values, autocast, ratio)
-        seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+        seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
         base = {"dtype": dtype, "attn": attn, "batch_size": batch_size}
         for name in ("vit16", "vit32"):
             records.append(
@@ -248,7 +252,7 @@ def bench_ragged(args, models, timer: Timer) -> list[dict]:
         runners[implementation] = with_attention(implementation, run)
     for runner in tqdm(runners.values(), desc="ragged warm-up", unit="path"):
         runner()  # flex attention compiles its mask kernels on the first call
-    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
     vit_macs = vit_macs_per_image(models)["vit16"]
     budget_counts = torch.full_like(counts, 1 + num_coarse + 3 * round(args.ragged_mean * num_coarse))
     macs = {"vit16": vit_macs, "budget": msvit_macs_per_image(msvit, budget_counts)}
@@ -298,7 +302,7 @@ def bench_training(args, models, timer: Timer) -> list[dict]:
         runners[name] = step
     for model in models.values():
         model.set_attn_implementation("sdpa")
-    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
     for model in models.values():
         model.eval()
     base = statistics.median(seconds["vit16"])
@@ -331,7 +335,7 @@ def bench_compiled(args, models, timer: Timer) -> list[dict]:
     }
     for name in tqdm(("vit16 compiled", "msvit compiled"), desc="compiling", unit="model"):
         runners[name]()
-    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats)
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
     base = statistics.median(seconds["vit16"])
     return [
         {"batch_size": batch_size, "fine_ratio": 0.5, "model": name, "seconds": statistics.median(values)}
@@ -389,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats,
             "statistic": "median",
             "order": "interleaved",
+            "min_cell_seconds": args.min_cell_seconds,
         },
     }
     warm_up(args, models)

@@ -114,8 +114,9 @@ def write_table(results: dict, path: Path) -> str:
     lines = [
         f"Machine: {machine['device']}, {machine['threads']} threads (`torch.set_num_threads`), torch "
         f"{machine['torch']}. {protocol['preset']} vs transformers' `ViTForImageClassification` of the same width and "
-        f"depth at {protocol['image_size']} px, random weights; median of {protocol['repeats']} interleaved "
-        f"repetitions after {protocol['warmup']} discarded; the whole run took {protocol['wall_seconds'] / 60:.1f} "
+        f"depth at {protocol['image_size']} px, random weights; median of at least {protocol['repeats']} interleaved "
+        f"repetitions (more for cheap cells, up to {protocol['min_cell_seconds']:g} s per cell) after "
+        f"{protocol['warmup']} discarded; the whole run took {protocol['wall_seconds'] / 60:.1f} "
         "min.",
     ]
     if vit_tokens:

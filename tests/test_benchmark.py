@@ -1,0 +1,98 @@
+"""The benchmark's bookkeeping: what it records, the targets it checks and the README section it writes.
+
+Timings themselves are not tested (the machine is shared); the run below is a tiny smoke run of the real script.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import benchmark
+from benchmarks.report import README_END, README_START, check_targets
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("benchmark")
+    readme = output / "README.md"
+    readme.write_text(f"# Title\n\n{README_START}\nold table\n{README_END}\n\n## Next\n")
+    argv = ["--image_size", "64", "--batch_sizes", "1", "2", "--dtypes", "fp32", "--attn", "sdpa"]
+    argv += ["--warmup", "0", "--repeats", "1", "--min_cell_seconds", "0", "--ragged_batch_size", "4"]
+    argv += ["--train_batch_size", "2"]
+    argv += ["--sections", "inference", "ragged", "training", "--output_dir", str(output), "--readme", str(readme)]
+    benchmark.main(argv)
+    return output
+
+
+def test_records_token_counts_and_mac_ratios_of_every_forced_fine_ratio(run):
+    results = json.loads((run / "results.json").read_text())
+    # 64 px: a 2x2 coarse grid, so ratios 0 ... 1 split 0 ... 4 regions: 1 + 4 + 3k tokens
+    rows = [row for row in results["inference"] if row["model"] == "msvit" and row["batch_size"] == 2]
+    assert [(row["fine_ratio"], row["tokens"]) for row in rows] == [
+        (0.0, 5),
+        (0.25, 8),
+        (0.5, 11),
+        (0.75, 14),
+        (1.0, 17),
+    ]
+    vit16 = next(row for row in results["inference"] if row["model"] == "vit16" and row["batch_size"] == 2)
+    assert vit16["tokens"] == 17 and vit16["speedup_vs_vit16"] == 1.0
+    for row in rows:
+        assert row["mac_speedup_vs_vit16"] == pytest.approx(vit16["gmacs_per_image"] / row["gmacs_per_image"])
+        assert row["efficiency"] == pytest.approx(row["speedup_vs_vit16"] / row["mac_speedup_vs_vit16"])
+        assert len(row["seconds_all"]) == 1
+    # all fine: the gate, the gather and the head cost a little more than the ViT/16
+    assert rows[-1]["mac_speedup_vs_vit16"] < 1.0 < rows[0]["mac_speedup_vs_vit16"]
+    ragged = {row["attn"]: row for row in results["ragged"] if row["path"] == "ragged"}
+    assert set(ragged) == {"sdpa", "eager", "flex_attention"}
+    # four images spread over ratios 0.25 ... 0.75 of 4 regions: 1 ... 3 splits
+    assert (ragged["sdpa"]["tokens_min"], ragged["sdpa"]["tokens_max"]) == (8, 14)
+    assert [row["path"] for row in results["training"]] == [
+        "vit16",
+        "masked (key mask)",
+        "masked (masked softmax)",
+        "gathered",
+    ]
+    assert results["machine"]["threads"] >= 1 and results["protocol"]["repeats"] == 1
+
+
+def test_writes_table_plot_and_the_readme_section(run):
+    table = (run / "table.md").read_text()
+    assert "| 2 |" in table and "MSViT 0.5" in table and "**Targets**" in table
+    assert (run / "speedup.png").stat().st_size > 10_000
+    readme = (run / "README.md").read_text()
+    assert "old table" not in readme and table in readme
+    assert readme.startswith("# Title\n") and readme.endswith(f"{README_END}\n\n## Next\n")
+    assert "![Speed-up vs fine ratio](speedup.png)" in readme
+
+
+def inference_row(batch_size: int, fine_ratio: float, speedup: float, mac_speedup: float) -> dict:
+    return {
+        "dtype": "fp32",
+        "attn": "sdpa",
+        "model": "msvit",
+        "batch_size": batch_size,
+        "fine_ratio": fine_ratio,
+        "speedup_vs_vit16": speedup,
+        "mac_speedup_vs_vit16": mac_speedup,
+        "efficiency": speedup / mac_speedup,
+    }
+
+
+def test_targets_name_the_worst_cell_and_whether_it_is_met():
+    results = {
+        "inference": [
+            inference_row(8, 0.5, 1.6, 1.7),  # 0.94 of the MAC speed-up
+            inference_row(32, 0.25, 2.0, 2.5),  # 0.80: the worst cell
+            inference_row(32, 0.0, 1.0, 4.4),  # ratio 0 is outside the target's range
+            inference_row(1, 1.0, 1 / 1.04, 1.0),  # 4 % slower than the ViT/16 at batch 1
+            inference_row(1, 0.75, 0.99, 1.25),  # slower than the ViT/16
+        ],
+        "training": [{"path": "masked (key mask)", "attn": "sdpa", "time_vs_vit16": 1.25}],
+    }
+    targets = {target["target"].split(":")[0]: target for target in check_targets(results)}
+    efficiency = targets["batch >= 8, fine ratio 0.25-0.75"]
+    assert efficiency["measured"] == "worst 0.80 (batch 32, ratio 0.25)" and not efficiency["met"]
+    assert targets["batch 1, fine ratio 1"]["measured"] == "1.040 x" and targets["batch 1, fine ratio 1"]["met"]
+    assert not targets["batch 1, fine ratio <= 0.75"]["met"]
+    assert targets["training step, masked (key mask), all tokens"]["met"]
