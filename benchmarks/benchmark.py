@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
+from modeling_msvit.configuration_msvit import VIT_CONFIG_FIELDS
 from modeling_msvit.macs_msvit import vit_macs_for_config
+from modeling_msvit.mixed_scale_tokens import token_counts
 from tools.presets import load_preset, preset_names
 
 from .report import check_targets, plot_speedups, update_readme, write_table
@@ -81,21 +83,8 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """The MSViT preset and ViT/16 and ViT/32 classifiers of the same width, depth and head, random weights."""
     torch.manual_seed(args.seed)
     config = load_preset(args.preset, image_size=args.image_size, num_labels=1000)
-    vit_fields = {
-        name: getattr(config, name)
-        for name in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "layer_norm_eps",
-            "image_size",
-            "num_channels",
-            "qkv_bias",
-            "num_labels",
-        )
-    }
+    # every ViT field of the preset (the 1,000-label head included) except the patch size
+    vit_fields = {name: getattr(config, name) for name in VIT_CONFIG_FIELDS if name != "patch_size"}
     models = {
         "vit16": ViTForImageClassification(ViTConfig(patch_size=config.patch_size, **vit_fields)),
         "vit32": ViTForImageClassification(ViTConfig(patch_size=config.coarse_patch_size, **vit_fields)),
@@ -183,11 +172,11 @@ def bench_inference(args, models, timer: Timer) -> list[dict]:
         pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
         autocast = autocast_for(dtype, args.device)
         runners = {name: inference_runner(models[name], pixel_values, autocast) for name in ("vit16", "vit32")}
-        token_counts = {}
+        counts_by_ratio = {}
         for ratio in args.fine_ratios:
             msvit.set_budget(fine_ratio=ratio)
             with torch.inference_mode():
-                token_counts[ratio] = msvit(pixel_values).token_counts
+                counts_by_ratio[ratio] = msvit(pixel_values).token_counts
             runners[ratio] = budget_runner(msvit, pixel_values, autocast, ratio)
         seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
         base = {"dtype": dtype, "attn": attn, "batch_size": batch_size}
@@ -201,7 +190,7 @@ def bench_inference(args, models, timer: Timer) -> list[dict]:
                 }
                 | summarise(seconds[name], batch_size, seconds["vit16"], vit_macs[name], vit_macs["vit16"])
             )
-        for ratio, counts in token_counts.items():
+        for ratio, counts in counts_by_ratio.items():
             macs = msvit_macs_per_image(msvit, counts)
             records.append(
                 {**base, "model": "msvit", "fine_ratio": ratio, "tokens": int(counts[0])}
@@ -234,37 +223,36 @@ def bench_ragged(args, models, timer: Timer) -> list[dict]:
     batch_size = args.ragged_batch_size
     pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
     split_mask = ragged_split_mask(batch_size, num_coarse, args.ragged_mean, generator).to(args.device)
-    counts = 1 + num_coarse + (msvit.config.scale_ratio**2 - 1) * split_mask.sum(1)
-    runners, implementations = {}, ("sdpa", "eager", "flex_attention")
+    counts = token_counts(split_mask, msvit.config.scale_ratio)
 
-    def with_attention(implementation: str, run: Callable[[], object]) -> Callable[[], object]:
+    def with_attention(model, implementation: str, run: Callable[[], object]) -> Callable[[], object]:
         def run_with():
-            for model in models.values():
-                model.set_attn_implementation(implementation)
+            model.set_attn_implementation(implementation)
             return run()
 
         return run_with
 
-    runners["vit16"] = with_attention("sdpa", inference_runner(models["vit16"], pixel_values, nullcontext))
-    runners["budget"] = with_attention("sdpa", budget_runner(msvit, pixel_values, nullcontext, args.ragged_mean))
-    for implementation in implementations:
+    runners = {
+        "vit16": with_attention(models["vit16"], "sdpa", inference_runner(models["vit16"], pixel_values, nullcontext)),
+        "budget": with_attention(msvit, "sdpa", budget_runner(msvit, pixel_values, nullcontext, args.ragged_mean)),
+    }
+    for implementation in ("sdpa", "eager", "flex_attention"):
         run = inference_runner(msvit, pixel_values, nullcontext, split_mask=split_mask)
-        runners[implementation] = with_attention(implementation, run)
-    for runner in tqdm(runners.values(), desc="ragged warm-up", unit="path"):
-        runner()  # flex attention compiles its mask kernels on the first call
+        runners[implementation] = with_attention(msvit, implementation, run)
+    # one untimed call each (flex attention compiles its mask kernels on the first); the budget run's token counts
+    outputs = {name: runner() for name, runner in tqdm(runners.items(), desc="ragged warm-up", unit="path")}
     seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
     vit_macs = vit_macs_per_image(models)["vit16"]
-    budget_counts = torch.full_like(counts, 1 + num_coarse + 3 * round(args.ragged_mean * num_coarse))
-    macs = {"vit16": vit_macs, "budget": msvit_macs_per_image(msvit, budget_counts)}
+    macs = {"vit16": vit_macs, "budget": msvit_macs_per_image(msvit, outputs["budget"].token_counts)}
     records = []
     for name in runners:
-        path = "fixed budget" if name == "budget" else ("vit16" if name == "vit16" else "ragged")
-        mac = macs.get(name) or msvit_macs_per_image(msvit, counts)
+        path = {"vit16": "vit16", "budget": "fixed budget"}.get(name, "ragged")
+        mac = macs[name] if name in macs else msvit_macs_per_image(msvit, counts)
         records.append(
             {
                 "batch_size": batch_size,
                 "path": path,
-                "attn": "sdpa" if name in ("vit16", "budget") else name,
+                "attn": "sdpa" if name in macs else name,
                 "tokens_min": int(counts.min()),
                 "tokens_max": int(counts.max()),
                 "tokens_mean": counts.float().mean().item(),

@@ -9,6 +9,24 @@ GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
 TOKEN_PATHS = ("masked", "gathered")
 MASKED_PATH_ATTENTIONS = ("key_mask", "masked_softmax")
 GATE_LOSSES = ("gbas", "bas", "ratio")
+# fields with the same meaning in transformers' `ViTConfig`: `from_vit` copies them from a ViT
+VIT_CONFIG_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "id2label",
+    "label2id",
+)
 
 # Written into every saved `config.json` so that a plain `save_pretrained` folder loads with
 # `trust_remote_code=True` through any of the Auto classes.

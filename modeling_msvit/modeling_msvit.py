@@ -18,7 +18,7 @@ from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .configuration_msvit import MSViTConfig
+from .configuration_msvit import VIT_CONFIG_FIELDS, MSViTConfig
 from .gate_losses import MSViTGateLoss
 from .macs_msvit import encoder_macs, mlp_macs
 from .mixed_scale_tokens import (
@@ -523,26 +523,7 @@ class MSViTPreTrainedModel(PreTrainedModel):
                 f"`from_vit` expects a transformers ViT model (model_type 'vit'), got {type(vit).__name__}."
             )
         backbone = getattr(vit, "vit", vit)
-        fields = {
-            name: getattr(vit_config, name)
-            for name in (
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "intermediate_size",
-                "hidden_act",
-                "hidden_dropout_prob",
-                "attention_probs_dropout_prob",
-                "initializer_range",
-                "layer_norm_eps",
-                "image_size",
-                "patch_size",
-                "num_channels",
-                "qkv_bias",
-                "id2label",
-                "label2id",
-            )
-        }
+        fields = {name: getattr(vit_config, name) for name in VIT_CONFIG_FIELDS}
         fields["coarse_patch_size"] = 2 * vit_config.patch_size
         fields.update(config_overrides)
         model = cls(MSViTConfig(**fields))
