@@ -9,6 +9,7 @@ GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
 TOKEN_PATHS = ("masked", "gathered")
 MASKED_PATH_ATTENTIONS = ("key_mask", "masked_softmax")
 GATE_LOSSES = ("gbas", "bas", "ratio")
+DECODER_TYPES = ("linear", "mask_transformer")
 # fields with the same meaning in transformers' `ViTConfig`: `from_vit` copies them from a ViT
 VIT_CONFIG_FIELDS = (
     "hidden_size",
@@ -34,6 +35,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_msvit.MSViTConfig",
     "AutoModel": "modeling_msvit.MSViTModel",
     "AutoModelForImageClassification": "modeling_msvit.MSViTForImageClassification",
+    "AutoModelForSemanticSegmentation": "modeling_msvit.MSViTForSemanticSegmentation",
 }
 
 
@@ -103,6 +105,14 @@ class MSViTConfig(PreTrainedConfig):
             Weight of the L1 term on the gBaS prior temperatures.
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label ignored by the semantic segmentation loss.
+        decoder_type (`str`, *optional*, defaults to `"linear"`):
+            Decoder of [`MSViTForSemanticSegmentation`]: `"linear"` (Segmenter's linear decoder, class logits per
+            token) or `"mask_transformer"` (Segmenter's mask transformer: learned class embeddings and the patch
+            tokens go through `decoder_num_layers` transformer blocks, and masks are their scalar products). Both run
+            on the mixed-scale tokens, weighting each token by the grid cells it covers, which equals running them on
+            the dense grid.
+        decoder_num_layers (`int`, *optional*, defaults to 2):
+            Transformer blocks of the mask transformer decoder (width and heads as the encoder's).
 
     Example:
 
@@ -147,6 +157,8 @@ class MSViTConfig(PreTrainedConfig):
     gbas_hyperprior_weight: float | int = 1.0
     gbas_temperature_weight: float | int = 0.01
     semantic_loss_ignore_index: int = 255
+    decoder_type: str = "linear"
+    decoder_num_layers: int = 2
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
@@ -180,6 +192,7 @@ class MSViTConfig(PreTrainedConfig):
             "num_channels",
             "gate_hidden_size",
             "gate_num_layers",
+            "decoder_num_layers",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -219,6 +232,7 @@ class MSViTConfig(PreTrainedConfig):
             ("train_token_path", self.train_token_path, TOKEN_PATHS),
             ("masked_path_attention", self.masked_path_attention, MASKED_PATH_ATTENTIONS),
             ("gate_loss_type", self.gate_loss_type, GATE_LOSSES),
+            ("decoder_type", self.decoder_type, DECODER_TYPES),
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")

@@ -146,6 +146,66 @@ def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, dim).index_select(0, rows.flatten()).unflatten(0, index.shape)
 
 
+def fine_cell_candidates(coarse_grid: tuple[int, int], ratio: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every fine grid cell in raster order, its own fine candidate and its coarse parent: two `(Hf * Wf,)` long
+    tensors of candidate indices."""
+    coarse_h, coarse_w = coarse_grid
+    rows = torch.arange(coarse_h * ratio, device=device)[:, None]
+    cols = torch.arange(coarse_w * ratio, device=device)[None, :]
+    parent = (rows // ratio) * coarse_w + cols // ratio
+    child = (rows % ratio) * ratio + cols % ratio
+    num_coarse = coarse_h * coarse_w
+    return (num_coarse + parent * ratio * ratio + child).flatten(), parent.flatten()
+
+
+def tokens_to_grid(
+    hidden_states: torch.Tensor,
+    token_index: torch.Tensor,
+    token_mask: torch.Tensor,
+    coarse_grid: tuple[int, int],
+    ratio: int,
+) -> torch.Tensor:
+    """Scatter a mixed-scale token sequence back onto the dense fine grid: `(B, D, Hf, Wf)`.
+
+    A coarse token fills the `r x r` fine cells of its region, a fine token its own cell; CLS, padding and inactive
+    candidates are dropped. Works for both execution paths, since it reads only which candidate each position holds.
+
+    Args:
+        hidden_states: `(B, L, D)` per-position vectors (encoder outputs, or anything computed per token).
+        token_index: `(B, L)` long, 0 for CLS and `1 + c` for candidate `c` (as `MSViTModel` returns it).
+        token_mask: `(B, L)` bool, True on active tokens (CLS included).
+        coarse_grid: `(Hc, Wc)` of the input image.
+        ratio: `r`, fine patches per coarse side.
+
+    Every fine cell is covered by exactly one active token (its own fine token or its parent's coarse token) when the
+    mask comes from one decision per region, as every MSViT output does.
+    """
+    batch_size, length, dim = hidden_states.shape
+    num_coarse = coarse_grid[0] * coarse_grid[1]
+    num_candidates = num_coarse * (1 + ratio * ratio)
+    is_candidate = token_mask & (token_index > 0)
+    # position of each active candidate in the sequence, -1 if inactive; one extra slot absorbs everything else
+    slot = torch.where(is_candidate, token_index - 1, num_candidates)
+    positions = torch.arange(length, device=token_index.device).expand(batch_size, -1)
+    position_of = torch.full((batch_size, num_candidates + 1), -1, dtype=torch.long, device=token_index.device)
+    position_of = position_of.scatter(1, slot, torch.where(is_candidate, positions, -1))[:, :num_candidates]
+    fine, parent = fine_cell_candidates(coarse_grid, ratio, token_index.device)
+    fine_position, parent_position = position_of[:, fine], position_of[:, parent]
+    source = torch.where(fine_position >= 0, fine_position, parent_position)
+    grid = gather_tokens(hidden_states, source)
+    fine_h, fine_w = coarse_grid[0] * ratio, coarse_grid[1] * ratio
+    return grid.transpose(1, 2).reshape(batch_size, dim, fine_h, fine_w)
+
+
+def token_cell_counts(
+    token_index: torch.Tensor, token_mask: torch.Tensor, num_coarse: int, ratio: int
+) -> torch.Tensor:
+    """Fine grid cells each position stands for `(B, L)`: `r**2` for an active coarse token, 1 for an active fine
+    token, 0 for CLS, padding and inactive candidates."""
+    cells = torch.where(token_index <= num_coarse, ratio * ratio, 1)  # index 1 + c, so coarse c < Nc is <= Nc
+    return torch.where(token_mask & (token_index > 0), cells, 0)
+
+
 def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
     """Split exactly `num_split` regions per image, those with the highest logits: `(B, Nc)` bool."""
     split_mask = torch.zeros_like(split_logits, dtype=torch.bool)
@@ -158,11 +218,14 @@ __all__ = [
     "candidate_active_mask",
     "candidate_mask_values",
     "candidate_patches",
+    "fine_cell_candidates",
     "gather_tokens",
     "gathered_token_index",
     "group_fine_grid",
     "patchify",
     "pool_fine_grid",
+    "token_cell_counts",
     "token_counts",
+    "tokens_to_grid",
     "topk_split_mask",
 ]

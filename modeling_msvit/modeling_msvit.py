@@ -14,7 +14,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
@@ -30,7 +30,9 @@ from .mixed_scale_tokens import (
     group_fine_grid,
     patchify,
     pool_fine_grid,
+    token_cell_counts,
     token_counts,
+    tokens_to_grid,
     topk_split_mask,
 )
 
@@ -83,6 +85,20 @@ class MSViTImageClassifierOutput(ImageClassifierOutput):
     r"""
     [`ImageClassifierOutput`] with MSViT's gate fields (see [`MSViTModelOutput`]). With `labels`, `loss` is the
     classification loss plus `config.gate_loss_weight * gate_loss`.
+    """
+
+    split_mask: torch.BoolTensor | None = None
+    split_probs: torch.FloatTensor | None = None
+    token_counts: torch.LongTensor | None = None
+    gate_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
+    r"""
+    [`SemanticSegmenterOutput`] with MSViT's gate fields (see [`MSViTModelOutput`]). `logits` are on the fine patch
+    grid, `(batch_size, num_labels, height / patch_size, width / patch_size)`. With `labels`, `loss` is the
+    cross-entropy of the logits upsampled to the labels' size plus `config.gate_loss_weight * gate_loss`.
     """
 
     split_mask: torch.BoolTensor | None = None
@@ -440,6 +456,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MSViTGate):
             # start near the compute target: a region's prior split probability is `target_fine_ratio`
             init.constant_(module.split_logit_bias, self._target_logit())
+        elif isinstance(module, MSViTMaskTransformerDecoder):
+            init.trunc_normal_(module.class_embeddings, mean=0.0, std=self.config.initializer_range)
 
     def set_budget(self, fine_ratio: float | None = None, threshold: float | None = None) -> None:
         """Change the inference compute of a trained model, without retraining (give exactly one argument).
@@ -473,14 +491,16 @@ class MSViTPreTrainedModel(PreTrainedModel):
         target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
         return math.log(target / (1 - target))
 
-    def _head_macs(self) -> int:
+    def _head_macs(self, token_counts: torch.Tensor) -> int | torch.Tensor:
+        """MACs of the task head per image, from the token counts (CLS included)."""
         return 0
 
     def compute_macs(self, token_counts: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Per-image MACs `(B,)` from each image's own active token count (CLS included).
 
         Counts the gate on every coarse region, the patch embedding of every active token, the encoder on the image's
-        own sequence and the head. `image_size` defaults to `config.image_size`.
+        own sequence and the head (a segmentation decoder also runs on the image's own tokens). `image_size` defaults
+        to `config.image_size`.
         """
         config = self.config
         fine_height, fine_width = config.fine_grid_size
@@ -493,7 +513,7 @@ class MSViTPreTrainedModel(PreTrainedModel):
         projections = 2 if config.separate_coarse_embedding else 1
         embedding = (token_counts - 1) * patch_values * config.hidden_size * projections
         encoder = encoder_macs(token_counts, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
-        return gate + embedding + encoder + self._head_macs()
+        return gate + embedding + encoder + self._head_macs(token_counts)
 
     @classmethod
     def from_vit(cls, vit: "PreTrainedModel | str | os.PathLike", **config_overrides) -> "MSViTPreTrainedModel":
@@ -679,7 +699,7 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    def _head_macs(self) -> int:
+    def _head_macs(self, token_counts: torch.Tensor) -> int:
         return self.config.hidden_size * self.config.num_labels
 
     def forward(
@@ -731,4 +751,155 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["MSViTForImageClassification", "MSViTModel", "MSViTPreTrainedModel"]
+class MSViTLinearDecoder(nn.Module):
+    """Segmenter's linear decoder: class logits per patch token."""
+
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden_states: torch.Tensor, cell_counts: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden_states)
+
+    @staticmethod
+    def macs(config: MSViTConfig, num_tokens: torch.Tensor) -> torch.Tensor:
+        return num_tokens * config.hidden_size * config.num_labels
+
+
+class MSViTMaskTransformerDecoder(nn.Module):
+    """Segmenter's mask transformer (Strudel et al., ICCV 2021), run on the mixed-scale tokens.
+
+    Learned class embeddings join the patch tokens in `decoder_num_layers` transformer blocks; each patch's class
+    logits are the cosine similarities of its projected token with the projected class embeddings, layer-normalised
+    over classes. On the dense grid a coarse token would appear as `r**2` identical tokens, which stay identical
+    through the blocks (no positions are added here): attending to them equals attending to the one token with its
+    scores raised by `log r**2`. The blocks therefore run on the short sequence, with `log(cells)` as an additive
+    attention mask (`-inf` on CLS, padding and inactive candidates), and give exactly the grid's logits.
+    """
+
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.input_projection = nn.Linear(config.hidden_size, config.hidden_size)
+        self.class_embeddings = nn.Parameter(torch.zeros(1, config.num_labels, config.hidden_size))
+        self.layers = nn.ModuleList([MSViTLayer(config) for _ in range(config.decoder_num_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.patch_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.class_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.mask_norm = nn.LayerNorm(config.num_labels)
+
+    def forward(self, hidden_states: torch.Tensor, cell_counts: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = hidden_states.shape
+        num_labels = self.class_embeddings.shape[1]
+        class_embeddings = self.class_embeddings.expand(batch_size, -1, -1).to(hidden_states.dtype)
+        hidden_states = torch.cat([self.input_projection(hidden_states), class_embeddings], dim=1)
+        key_cells = torch.cat([cell_counts, cell_counts.new_ones(batch_size, num_labels)], dim=1)
+        attention_mask = torch.log(key_cells.to(hidden_states.dtype))[:, None, None, :]
+        attention_mask = attention_mask.expand(-1, 1, length + num_labels, -1)
+        for layer in self.layers:
+            hidden_states, _ = layer(hidden_states, attention_mask)
+        hidden_states = self.layernorm(hidden_states)
+        patches = F.normalize(self.patch_projection(hidden_states[:, :length]), dim=-1)
+        classes = F.normalize(self.class_projection(hidden_states[:, length:]), dim=-1)
+        return self.mask_norm(patches @ classes.transpose(1, 2))
+
+    @staticmethod
+    def macs(config: MSViTConfig, num_tokens: torch.Tensor) -> torch.Tensor:
+        hidden_size, num_labels = config.hidden_size, config.num_labels
+        blocks = encoder_macs(
+            num_tokens + num_labels, hidden_size, config.intermediate_size, config.decoder_num_layers
+        )
+        projections = (2 * num_tokens + num_labels) * hidden_size**2
+        return blocks + projections + num_tokens * num_labels * hidden_size
+
+
+DECODERS = {"linear": MSViTLinearDecoder, "mask_transformer": MSViTMaskTransformerDecoder}
+
+
+class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
+    def __init__(self, config: MSViTConfig):
+        super().__init__(config)
+        if config.num_labels < 2:
+            raise ValueError(
+                f"MSViTForSemanticSegmentation needs `num_labels` >= 2 (background counts as a class), got "
+                f"{config.num_labels}. Pass `id2label` (or `num_labels`) to the config."
+            )
+        self.num_labels = config.num_labels
+        self.msvit = MSViTModel(config)
+        self.decode_head = DECODERS[config.decoder_type](config)
+        self.post_init()
+
+    def _head_macs(self, token_counts: torch.Tensor) -> torch.Tensor:
+        return DECODERS[self.config.decoder_type].macs(self.config, token_counts - 1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        split_mask: torch.BoolTensor | None = None,
+        token_path: str | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MSViTSemanticSegmenterOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Class index per pixel in `[0, config.num_labels)`, or `config.semantic_loss_ignore_index` where a pixel
+            does not count. The labels may have any size: the logits are upsampled bilinearly to it. The returned
+            loss then also includes the weighted gate loss, so that `Trainer` keeps the compute budget.
+
+        See [`MSViTModel.forward`] for the other arguments. The logits cover the fine patch grid; upsample them to
+        the image size (e.g. with the image processor's `post_process_semantic_segmentation`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            self._check_labels(labels, pixel_values)
+        outputs = self.msvit(
+            pixel_values,
+            split_mask=split_mask,
+            token_path=token_path,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        config = self.config
+        coarse_grid = tuple(side // config.coarse_patch_size for side in pixel_values.shape[-2:])
+        # CLS takes no part in the dense prediction
+        token_index, token_mask = outputs.token_index[:, 1:], outputs.token_mask[:, 1:]
+        num_coarse = coarse_grid[0] * coarse_grid[1]
+        cell_counts = token_cell_counts(token_index, token_mask, num_coarse, config.scale_ratio)
+        token_logits = self.decode_head(outputs.last_hidden_state[:, 1:], cell_counts)
+        logits = tokens_to_grid(token_logits, token_index, token_mask, coarse_grid, config.scale_ratio)
+
+        loss = None
+        if labels is not None:
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(upsampled, labels, ignore_index=config.semantic_loss_ignore_index)
+            if outputs.gate_loss is not None:
+                loss = loss + config.gate_loss_weight * outputs.gate_loss
+        output = MSViTSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            split_mask=outputs.split_mask,
+            split_probs=outputs.split_probs,
+            token_counts=outputs.token_counts,
+            gate_loss=outputs.gate_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            return  # the backbone explains what `pixel_values` should be
+        batch_size = pixel_values.shape[0]
+        if labels.ndim != 3 or labels.shape[0] != batch_size or labels.is_floating_point():
+            raise ValueError(
+                f"`labels` must be an integer tensor of shape (batch_size={batch_size}, height, width) holding a "
+                f"class index per pixel, got {labels.dtype} of shape {tuple(labels.shape)}."
+            )
+
+
+__all__ = ["MSViTForImageClassification", "MSViTForSemanticSegmentation", "MSViTModel", "MSViTPreTrainedModel"]

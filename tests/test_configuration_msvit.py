@@ -43,7 +43,12 @@ def test_config_round_trip_keeps_fields_and_auto_map(tmp_path):
     config = MSViTConfig(image_size=[64, 96], target_fine_ratio=0.3, fine_ratio_budget=0.25, num_labels=7)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert set(saved["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert set(saved["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageClassification",
+        "AutoModelForSemanticSegmentation",
+    }
     reloaded = MSViTConfig.from_pretrained(tmp_path)
     assert reloaded.coarse_grid_size == (2, 3) and reloaded.fine_ratio_budget == 0.25
     assert reloaded.num_labels == 7 and reloaded.to_dict() == config.to_dict()

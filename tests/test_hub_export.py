@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_msvit import MSViTForImageClassification
+from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation
 from tests.conftest import tiny_config
 from tools.export import MODELING_FILES, export_hub_folder, image_processor_for
 
 
-FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoModelForSemanticSegmentation"}
 
 # Runs in a fresh interpreter, outside the repository, with the repository's package made unimportable, so that
 # only the code inside the exported folder can be used.
@@ -38,15 +38,35 @@ torch.save({"logits": logits, "pixel_values": pixel_values, "scores": scores}, o
 """
 
 
-def load_in_clean_process(folder: Path, tmp_path: Path) -> dict:
+REMOTE_SEGMENT = """
+import sys
+sys.modules["modeling_msvit"] = None
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+assert "transformers_modules" in type(model).__module__, type(model).__module__
+image = Image.open(folder + "/../photo.png")
+pixel_values = AutoImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt").pixel_values
+with torch.no_grad():
+    logits = model(pixel_values).logits[0]
+segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+masks = {row["label"]: np.asarray(row["mask"]) for row in segmenter(image)}
+torch.save({"logits": logits, "pixel_values": pixel_values, "masks": masks}, out)
+"""
+
+
+def load_in_clean_process(folder: Path, tmp_path: Path, script: str = REMOTE_LOAD) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     out = tmp_path / "remote.pt"
     subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(out)], cwd=tmp_path, env=env, check=True, timeout=300
+        [sys.executable, "-c", script, str(folder), str(out)], cwd=tmp_path, env=env, check=True, timeout=300
     )
-    return torch.load(out)
+    return torch.load(out, weights_only=False)
 
 
 @pytest.fixture
@@ -103,3 +123,46 @@ def test_model_card_carries_the_model_index(tmp_path, model):
     folder = export_hub_folder(model, tmp_path / "card", model_index=index, results_markdown="| a | b |")
     card = (folder / "README.md").read_text()
     assert "model-index:" in card and 'type: "accuracy"' in card and "| a | b |" in card
+
+
+def test_segmentation_export_reloads_and_runs_the_pipeline_on_a_real_photo(tmp_path):
+    """The exported segmenter, loaded from its own code in a clean process, gives the in-process logits, and
+    `pipeline("image-segmentation")` returns one mask per predicted class at the photo's size, covering every pixel
+    once and agreeing with the image processor's post-processing."""
+    from skimage import data
+
+    photo = Image.fromarray(data.coffee())  # a real 400x600 photo shipped with scikit-image
+    photo.save(tmp_path / "photo.png")
+    labels = ["background", "cup", "saucer", "spoon"]
+    config = tiny_config(
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}, num_labels=4
+    )
+    model = MSViTForSemanticSegmentation(config).eval()
+    index = [{"name": "msvit-seg", "results": [{"task": {"type": "image-segmentation"}, "metrics": [
+        {"type": "mean_iou", "value": 0.5, "name": "mean IoU"}]}]}]  # fmt: skip
+    folder = export_hub_folder(model, tmp_path / "seg-hub", model_index=index)
+    config_json = json.loads((folder / "config.json").read_text())
+    assert set(config_json["auto_map"]) == FULL_AUTO_MAP
+    assert config_json["architectures"] == ["MSViTForSemanticSegmentation"]
+    card = (folder / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in card and 'type: "mean_iou"' in card
+    assert "$" not in card.split("## Citation")[0]
+
+    remote = load_in_clean_process(folder, tmp_path, REMOTE_SEGMENT)
+    processor = image_processor_for(config, "image-segmentation")
+    local_pixels = processor(images=photo, return_tensors="pt").pixel_values
+    assert torch.equal(remote["pixel_values"], local_pixels)
+    with torch.no_grad():
+        outputs = model(local_pixels)
+    torch.testing.assert_close(remote["logits"], outputs.logits[0], rtol=0, atol=1e-5)
+
+    masks = remote["masks"]
+    assert masks and set(masks) <= set(labels)
+    for mask in masks.values():
+        assert mask.shape == (photo.height, photo.width)
+    coverage = sum((mask > 0).astype(int) for mask in masks.values())
+    assert (coverage == 1).all()  # every pixel in exactly one mask
+    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(photo.height, photo.width)])[0]
+    for label, mask in masks.items():
+        agreement = ((mask > 0) == (expected == labels.index(label)).numpy()).mean()
+        assert agreement > 0.999, (label, agreement)  # across processes, CPU kernels may round a tie differently

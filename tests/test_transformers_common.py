@@ -32,7 +32,7 @@ from transformers import set_seed
 from transformers.models.auto import modeling_auto
 from transformers.testing_utils import torch_device
 
-from modeling_msvit import MSViTConfig, MSViTForImageClassification, MSViTModel
+from modeling_msvit import MSViTConfig, MSViTForImageClassification, MSViTForSemanticSegmentation, MSViTModel
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -308,7 +308,7 @@ class MSViTModelTest(ModelTesterMixin, unittest.TestCase):
     tuple/dict equivalence test, which cannot handle bool outputs.
     """
 
-    all_model_classes = (MSViTModel, MSViTForImageClassification)
+    all_model_classes = (MSViTModel, MSViTForImageClassification, MSViTForSemanticSegmentation)
     test_resize_embeddings = False
 
     def setUp(self):
@@ -321,6 +321,7 @@ class MSViTModelTest(ModelTesterMixin, unittest.TestCase):
         for names, class_name in (
             (modeling_auto.MODEL_MAPPING_NAMES, "MSViTModel"),
             (modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, "MSViTForImageClassification"),
+            (modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, "MSViTForSemanticSegmentation"),
         ):
             patcher = mock.patch.dict(names, {MSViTConfig.model_type: class_name})
             patcher.start()
@@ -447,7 +448,8 @@ class MSViTFixedBudgetModelTest(MSViTModelTest):
 
     With `fine_ratio_budget` every image splits the same number of regions at inference, so sequences have one static
     length and transformers' own attention / hidden-states shape tests run unchanged. Training uses the gathered
-    (padded) path, coarse tokens their own embedding, and the gate reads that embedding.
+    (padded) path, coarse tokens their own embedding, the gate reads that embedding, and the segmentation head uses
+    the mask transformer decoder.
     """
 
     test_attention_outputs = ModelTesterMixin.test_attention_outputs
@@ -461,4 +463,5 @@ class MSViTFixedBudgetModelTest(MSViTModelTest):
             train_token_path="gathered",
             separate_coarse_embedding=True,
             gate_input="coarse_embedding",
+            decoder_type="mask_transformer",
         )

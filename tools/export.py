@@ -4,9 +4,11 @@
     python -m tools.export --preset msvit-tiny --output outputs/msvit-tiny-hub
     python -m tools.export --model path/to/msvit --output outputs/msvit-hub
     python -m tools.export --from-vit path/to/vit --output outputs/msvit-from-vit --coarse-patch-size 32
+    python -m tools.export --preset msvit-tiny --task semantic-segmentation --num-labels 11 --output outputs/seg-hub
 
-The folder loads anywhere with `AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)`
-and `pipeline("image-classification", model=folder, trust_remote_code=True)`, and can be uploaded as is.
+The folder loads anywhere with `AutoModelForImageClassification` (or `AutoModelForSemanticSegmentation`)
+`.from_pretrained(folder, trust_remote_code=True)` and `pipeline("image-classification" | "image-segmentation",
+model=folder, trust_remote_code=True)`, and can be uploaded as is.
 """
 
 import argparse
@@ -19,9 +21,14 @@ from pathlib import Path
 from string import Template
 
 import torch
-from transformers import AutoModelForImageClassification, ViTImageProcessorPil
+from transformers import AutoConfig, SegformerImageProcessorPil, ViTImageProcessorPil
 
-from modeling_msvit import MSViTConfig, MSViTForImageClassification, MSViTPreTrainedModel
+from modeling_msvit import (
+    MSViTConfig,
+    MSViTForImageClassification,
+    MSViTForSemanticSegmentation,
+    MSViTPreTrainedModel,
+)
 from modeling_msvit.configuration_msvit import AUTO_MAP
 from modeling_msvit.macs_msvit import vit_macs_for_config
 from tools.presets import load_preset
@@ -37,21 +44,39 @@ MODELING_FILES = (
 )
 
 
-def image_processor_for(config: MSViTConfig, **kwargs) -> ViTImageProcessorPil:
-    """A `ViTImageProcessorPil` that resizes to the model's image size (mean/std 0.5 unless given)."""
+# per head: the Auto class and pipeline task it serves, and its model card template
+TASKS = {
+    "image-classification": ("AutoModelForImageClassification", "msvit-image-classification.md"),
+    "image-segmentation": ("AutoModelForSemanticSegmentation", "msvit-semantic-segmentation.md"),
+}
+
+
+def task_of(model: MSViTPreTrainedModel) -> str:
+    return "image-segmentation" if isinstance(model, MSViTForSemanticSegmentation) else "image-classification"
+
+
+def image_processor_for(
+    config: MSViTConfig, task: str = "image-classification", **kwargs
+) -> ViTImageProcessorPil | SegformerImageProcessorPil:
+    """The image processor of a head, resizing to the model's image size with mean/std 0.5 unless given:
+    `ViTImageProcessorPil` for classification, `SegformerImageProcessorPil` (resizes masks too, and has
+    `post_process_semantic_segmentation`) for segmentation."""
     fine_height, fine_width = config.fine_grid_size
     size = {"height": fine_height * config.patch_size, "width": fine_width * config.patch_size}
+    if task == "image-segmentation":
+        kwargs = {"image_mean": 0.5, "image_std": 0.5, "do_reduce_labels": False, **kwargs}
+        return SegformerImageProcessorPil(size=size, **kwargs)
     return ViTImageProcessorPil(size=size, **kwargs)
 
 
 def compute_summary(model: MSViTPreTrainedModel) -> dict:
-    """Token and GMAC ranges of a model, for model cards and reports."""
+    """Token and GMAC ranges of a model, for model cards and reports (the ViT figure has the same head)."""
     config = model.config
     num_coarse = config.coarse_grid_size[0] * config.coarse_grid_size[1]
     num_fine = num_coarse * config.scale_ratio**2
     min_tokens, max_tokens = 1 + num_coarse, 1 + num_fine
     macs = model.compute_macs(torch.tensor([min_tokens, max_tokens]))
-    vit = vit_macs_for_config(config, num_labels=config.num_labels if hasattr(model, "classifier") else 0)
+    vit = vit_macs_for_config(config) + int(model._head_macs(torch.tensor(max_tokens)))
     return {
         "min_tokens": min_tokens,
         "max_tokens": max_tokens,
@@ -69,9 +94,8 @@ def render_model_card(
     description: str = "",
     results_markdown: str = "",
     model_index: list[dict] | None = None,
-    template: str = "msvit-image-classification.md",
 ) -> str:
-    """Fill a template from `model_cards/` with the model's configuration and measured results."""
+    """Fill the head's template from `model_cards/` with the model's configuration and measured results."""
     config = model.config
     index_yaml = ""
     if model_index:
@@ -96,10 +120,13 @@ def render_model_card(
                 "gate_num_layers",
                 "gate_input",
                 "gate_threshold",
+                "decoder_type",
+                "num_labels",
             )
         },
         **compute_summary(model),
     }
+    template = TASKS[task_of(model)][1]
     return Template((MODEL_CARDS_DIR / template).read_text()).substitute(values)
 
 
@@ -126,7 +153,7 @@ def export_hub_folder(
     model: MSViTPreTrainedModel,
     output_dir: str | Path,
     *,
-    image_processor: ViTImageProcessorPil | None = None,
+    image_processor: ViTImageProcessorPil | SegformerImageProcessorPil | None = None,
     model_name: str | None = None,
     repo_id: str | None = None,
     description: str = "",
@@ -145,7 +172,7 @@ def export_hub_folder(
     missing = [name for name in MODELING_FILES if not (output_dir / name).is_file()]
     if missing:
         raise RuntimeError(f"save_pretrained did not copy {missing}; import `modeling_msvit` before exporting.")
-    (image_processor or image_processor_for(model.config)).save_pretrained(output_dir)
+    (image_processor or image_processor_for(model.config, task_of(model))).save_pretrained(output_dir)
     card = render_model_card(
         model,
         model_name=model_name,
@@ -163,36 +190,55 @@ _REMOTE_LOGITS = """
 import sys
 sys.modules["modeling_msvit"] = None
 import torch
-from transformers import AutoModelForImageClassification
-folder, inputs, out = sys.argv[1:4]
-model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+import transformers
+folder, inputs, out, auto_class = sys.argv[1:5]
+model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+assert "transformers_modules" in type(model).__module__, type(model).__module__
 with torch.no_grad():
     torch.save(model(torch.load(inputs)).logits, out)
 """
 
 
-def remote_code_logits(folder: str | Path, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Logits of the exported folder loaded with `trust_remote_code=True` in a clean, offline subprocess."""
+def remote_code_logits(
+    folder: str | Path, pixel_values: torch.Tensor, task: str = "image-classification"
+) -> torch.Tensor:
+    """Logits of the exported folder loaded with `trust_remote_code=True` (through the task's Auto class) in a clean,
+    offline subprocess where this repository's package cannot be imported."""
     with tempfile.TemporaryDirectory() as workdir:
         inputs, out = Path(workdir) / "pixel_values.pt", Path(workdir) / "logits.pt"
         torch.save(pixel_values, inputs)
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(workdir) / "modules"))
-        command = [sys.executable, "-c", _REMOTE_LOGITS, str(Path(folder).resolve()), str(inputs), str(out)]
+        auto_class = TASKS[task][0]
+        command = [
+            sys.executable,
+            "-c",
+            _REMOTE_LOGITS,
+            str(Path(folder).resolve()),
+            str(inputs),
+            str(out),
+            auto_class,
+        ]
         subprocess.run(command, cwd=workdir, env=env, check=True, timeout=600)
         return torch.load(out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export an MSViT image classifier as a Hub-ready folder.")
+    parser = argparse.ArgumentParser(description="Export an MSViT classifier or segmenter as a Hub-ready folder.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="Name of a preset in configuration/models/ (random weights).")
-    source.add_argument("--model", help="Folder of a saved MSViT image classifier.")
+    source.add_argument("--model", help="Folder of a saved MSViT (any head).")
     source.add_argument("--from-vit", help="Folder (or Hub id) of an HF ViT to convert; the gate is new.")
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--repo-id", help="Hub repository id used in the model card's snippets.")
     parser.add_argument("--coarse-patch-size", type=int, help="Coarse patch size when converting a ViT.")
     parser.add_argument("--num-labels", type=int, help="Number of classes for --preset.")
+    parser.add_argument(
+        "--task",
+        choices=("image-classification", "semantic-segmentation"),
+        default="image-classification",
+        help="Head of a --preset or --from-vit model.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for freshly initialised weights.")
     return parser.parse_args(argv)
 
@@ -200,14 +246,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    model_class = MSViTForSemanticSegmentation if args.task == "semantic-segmentation" else MSViTForImageClassification
     if args.preset:
         overrides = {"num_labels": args.num_labels} if args.num_labels else {}
-        model = MSViTForImageClassification(load_preset(args.preset, **overrides))
+        model = model_class(load_preset(args.preset, **overrides))
     elif args.model:
-        model = AutoModelForImageClassification.from_pretrained(args.model)
+        # the saved architecture decides the head
+        architectures = AutoConfig.from_pretrained(args.model).architectures or []
+        heads = {head.__name__: head for head in (MSViTForImageClassification, MSViTForSemanticSegmentation)}
+        if not architectures or architectures[0] not in heads:
+            raise ValueError(
+                f"{args.model} holds {architectures or 'no architecture'}; expected one of {list(heads)}."
+            )
+        model = heads[architectures[0]].from_pretrained(args.model)
     else:
         overrides = {"coarse_patch_size": args.coarse_patch_size} if args.coarse_patch_size else {}
-        model = MSViTForImageClassification.from_vit(args.from_vit, **overrides)
+        if args.num_labels:
+            overrides["num_labels"] = args.num_labels
+        model = model_class.from_vit(args.from_vit, **overrides)
     folder = export_hub_folder(model.eval(), args.output, repo_id=args.repo_id)
     print(f"Wrote {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}")
 
