@@ -2,6 +2,12 @@
 
 `evaluate.load("accuracy")` fetches the metric from the Hub; `load_metric("accuracy")` loads the local copy in
 `metrics/accuracy/accuracy.py` by absolute path, so it works offline and from any working directory.
+
+Available metrics (one folder each under `metrics/`):
+
+- `accuracy`: top-1 accuracy of class predictions.
+- `mean_iou`: mean and per-class intersection-over-union and pixel accuracies of segmentation masks
+  (`compute(num_labels=..., ignore_index=255)`).
 """
 
 from collections.abc import Callable
