@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import SegformerImageProcessorPil
 
-from train.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, load_classification_splits, load_fashion_mnist_arrays
+from tests.test_data import NUM_TINY, requires_real_data
+from train.data import FASHION_MNIST_FILES, load_classification_splits, load_fashion_mnist_arrays
 from train.segmentation_data import (
     FOREGROUND_THRESHOLD,
     IGNORE_INDEX,
@@ -26,14 +27,6 @@ from train.segmentation_data import (
     scene_layout,
     segmentation_collate_fn,
 )
-
-
-REAL_DATA_PRESENT = all((FASHION_MNIST_DIR / name).is_file() for pair in FASHION_MNIST_FILES.values() for name in pair)
-requires_real_data = pytest.mark.skipif(
-    not REAL_DATA_PRESENT,
-    reason=f"Fashion-MNIST IDX files absent from {FASHION_MNIST_DIR}: `sudo apt-get install dataset-fashion-mnist`",
-)
-NUM_TINY = {"train": 600, "test": 200}
 
 
 def unique_items(num: int, offset: int = 0) -> np.ndarray:

@@ -490,6 +490,20 @@ def _single_channel(values: Any) -> Any:
     return [float(np.mean(values))]
 
 
+def image_mode_and_processor_kwargs(image_processor: Any, num_channels: int) -> tuple[str, dict]:
+    """The PIL mode images are converted to for a model of `num_channels` (1 or 3), and the processor call's extra
+    arguments: for 1 channel, the processor's 3-value mean/std averaged to one."""
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
+    if num_channels == 3:
+        return "RGB", {}
+    kwargs = {
+        "image_mean": _single_channel(getattr(image_processor, "image_mean", None)),
+        "image_std": _single_channel(getattr(image_processor, "image_std", None)),
+    }
+    return "L", {key: value for key, value in kwargs.items() if value is not None}
+
+
 def make_transforms(
     image_processor: Any,
     *,
@@ -507,16 +521,7 @@ def make_transforms(
     left-right with probability 1/2, drawn from `generator` or torch's global RNG (`torch.manual_seed` makes a run
     reproducible). Evaluation transforms are deterministic. A batch without labels gives no `labels`.
     """
-    if num_channels not in (1, 3):
-        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
-    mode = "RGB" if num_channels == 3 else "L"
-    processor_kwargs = {}
-    if num_channels == 1:
-        processor_kwargs = {
-            "image_mean": _single_channel(getattr(image_processor, "image_mean", None)),
-            "image_std": _single_channel(getattr(image_processor, "image_std", None)),
-        }
-        processor_kwargs = {key: value for key, value in processor_kwargs.items() if value is not None}
+    mode, processor_kwargs = image_mode_and_processor_kwargs(image_processor, num_channels)
 
     def transform(batch: dict[str, list]) -> dict[str, torch.Tensor]:
         images = [image if image.mode == mode else image.convert(mode) for image in batch["image"]]

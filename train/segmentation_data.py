@@ -40,7 +40,7 @@ from train.data import (
     _image_column,
     _in_memory_dataset,
     _pnm_records,
-    _single_channel,
+    image_mode_and_processor_kwargs,
     load_fashion_mnist_arrays,
     subsample,
     train_validation_split,
@@ -449,21 +449,12 @@ def make_segmentation_transforms(
     ignore index 255 stays 255 —, rescale, normalise; for 1 channel a 3-value mean/std is averaged). A batch without
     masks gives no `labels`.
     """
-    if num_channels not in (1, 3):
-        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
     if getattr(image_processor, "do_reduce_labels", False):
         raise ValueError(
             "The image processor has do_reduce_labels=True, which would shift every class id and turn background "
             "into the ignore index; scene masks already use 0 = background. Create it with do_reduce_labels=False."
         )
-    mode = "RGB" if num_channels == 3 else "L"
-    processor_kwargs = {}
-    if num_channels == 1:
-        processor_kwargs = {
-            "image_mean": _single_channel(getattr(image_processor, "image_mean", None)),
-            "image_std": _single_channel(getattr(image_processor, "image_std", None)),
-        }
-        processor_kwargs = {key: value for key, value in processor_kwargs.items() if value is not None}
+    mode, processor_kwargs = image_mode_and_processor_kwargs(image_processor, num_channels)
 
     def transform(batch: dict[str, list]) -> dict[str, torch.Tensor]:
         images = [image if image.mode == mode else image.convert(mode) for image in batch["image"]]

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--decoder_type", choices=("linear", "mask_transformer"), default="linear", help="Segmentation decoder.")
     add("--target_fine_ratio", type=float, default=0.4, help="Fraction of regions the MSViT recipe aims to split.")
     add("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.75], help="Fine ratios measured.")
-    add("--fine_epochs", type=int, default=4, help="Epochs of the full-token and all-coarse models.")
+    add("--fine_epochs", type=int, default=6, help="Epochs of the full-token and all-coarse models.")
     add("--adapt_epochs", type=int, default=1, help="Epochs on random splits.")
     add("--gate_epochs", type=int, default=1, help="Epochs of gate training (frozen backbone).")
     add("--joint_epochs", type=int, default=1, help="Epochs of joint fine-tuning.")
