@@ -38,7 +38,7 @@ evidence: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m train.evidence --output_dir results/evidence
 
 # Semantic segmentation on Fashion-MNIST scenes: full-token and all-coarse segmenters, the MSViT recipe, mIoU vs GMACs
-# at several budgets (about 35 minutes on 2 CPU cores; resumable by stage); rewrites the README's section.
+# at several budgets (about an hour on 2 CPU cores; resumable by stage); rewrites the README's section.
 segmentation: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m train.segmentation_pipeline --results_dir results/segmentation --readme README.md
 
