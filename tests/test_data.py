@@ -21,6 +21,7 @@ from train.data import (
     FashionMNISTNotFoundError,
     class_names,
     collate_fn,
+    image_column_of,
     load_classification_splits,
     load_fashion_mnist,
     load_fashion_mnist_arrays,
@@ -398,3 +399,15 @@ def test_transforms_rgb_and_collate(tiny_dir):
     assert -1.0 <= first["pixel_values"].min() and first["pixel_values"].max() <= 1.0
     with pytest.raises(ValueError, match="num_channels"):
         make_transforms(processor, train=False, num_channels=2)
+
+
+def test_image_column_of_finds_the_one_image_column():
+    features = datasets.Features(
+        {"photo": datasets.Image(), "mask": datasets.Image(), "label": datasets.Value("int64")}
+    )
+    assert image_column_of(features, "d", exclude="mask") == "photo"
+    with pytest.raises(ValueError, match=r"found several \(photo, mask\); columns: \['photo', 'mask', 'label'\]"):
+        image_column_of(features, "d")
+    with pytest.raises(ValueError, match=r"besides 'photo' \(a `datasets.Image` feature\), found none"):
+        image_column_of(datasets.Features({"photo": datasets.Image()}), "d", exclude="photo")
+    assert image_column_of(datasets.Features({"image": datasets.Image(), **features}), "d") == "image"

@@ -362,20 +362,28 @@ def subsample(dataset: datasets.Dataset, max_samples: int | None, seed: int = 0)
     return dataset.select(indices, keep_in_memory=True)
 
 
+def image_column_of(features: datasets.Features, name: str, exclude: str | None = None) -> str:
+    """The data set's image column: `image`, else its only `datasets.Image` feature (other than `exclude`, e.g. a
+    segmentation mask); a `ValueError` that lists the columns otherwise."""
+    image_columns = [
+        column for column, feature in features.items() if isinstance(feature, datasets.Image) and column != exclude
+    ]
+    if "image" in image_columns:
+        return "image"
+    if len(image_columns) == 1:
+        return image_columns[0]
+    found = f"several ({', '.join(image_columns)})" if image_columns else "none"
+    besides = f" besides {exclude!r}" if exclude else ""
+    raise ValueError(
+        f"Data set {name!r} needs exactly one image column{besides} (a `datasets.Image` feature), found {found}; "
+        f"columns: {list(features)}."
+    )
+
+
 def _standardize_columns(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
     """Keep only the image and label columns, renamed to `image` and `label`."""
     features = dataset.features
-    image_columns = [column for column, feature in features.items() if isinstance(feature, datasets.Image)]
-    if "image" in image_columns:
-        image_column = "image"
-    elif len(image_columns) == 1:
-        image_column = image_columns[0]
-    else:
-        found = f"several ({', '.join(image_columns)})" if image_columns else "none"
-        raise ValueError(
-            f"Data set {name!r} needs exactly one image column (a `datasets.Image` feature), found {found}; "
-            f"columns: {list(features)}."
-        )
+    image_column = image_column_of(features, name)
     label_column = next((column for column in LABEL_COLUMN_NAMES if column in features), None)
     if label_column is None:
         raise ValueError(

@@ -40,6 +40,7 @@ from train.data import (
     _image_column,
     _in_memory_dataset,
     _pnm_records,
+    image_column_of,
     image_mode_and_processor_kwargs,
     load_fashion_mnist_arrays,
     subsample,
@@ -322,17 +323,7 @@ def _standardize_segmentation_columns(dataset: datasets.Dataset, name: str) -> d
             f"Segmentation data set {name!r} has no mask column: expected a `datasets.Image` feature named one of "
             f"{', '.join(MASK_COLUMN_NAMES)}; columns: {dict(features)}. Rename the mask column to `label`."
         )
-    image_columns = [column for column in image_features if column != mask_column]
-    if "image" in image_columns:
-        image_column = "image"
-    elif len(image_columns) == 1:
-        image_column = image_columns[0]
-    else:
-        found = f"several ({', '.join(image_columns)})" if image_columns else "none"
-        raise ValueError(
-            f"Segmentation data set {name!r} needs exactly one image column besides the mask {mask_column!r} (a "
-            f"`datasets.Image` feature), found {found}; columns: {list(features)}."
-        )
+    image_column = image_column_of(features, name, exclude=mask_column)
     dataset = dataset.select_columns([image_column, mask_column])
     return dataset.rename_columns(
         {old: new for old, new in ((image_column, "image"), (mask_column, "label")) if old != new}
