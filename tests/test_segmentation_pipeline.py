@@ -12,7 +12,7 @@ TINY = [
     "--canvas_size", "32", "--patch_size", "4", "--coarse_patch_size", "8", "--hidden_size", "16", "--depth", "1",
     "--heads", "2", "--max_train_samples", "24", "--max_eval_samples", "8", "--batch_size", "8",
     "--fine_epochs", "1", "--adapt_epochs", "1", "--joint_epochs", "1", "--budgets", "0.25", "0.5",
-    "--target_fine_ratio", "0.5",
+    "--target_fine_ratio", "0.5", "--thresholds", "0.4",
 ]  # fmt: skip
 
 
@@ -48,10 +48,10 @@ def test_pipeline_runs_every_stage_and_writes_the_results(tmp_path):
     report = main(argv)
     assert set(report["stage_seconds"]) == {
         "full-token", "all-coarse", "adapt", "gate", "joint", "full-token-matched", "budgets-validation",
-        "budgets-test",
+        "budgets-test", "threshold-0.4-validation", "threshold-0.4-test",
     }  # fmt: skip
     assert set(report["validation"]["msvit"]) == {
-        "fine_ratio=0.25", "fine_ratio=0.5", "threshold=0.5", "all_fine", "all_coarse",
+        "fine_ratio=0.25", "fine_ratio=0.5", "threshold=0.5", "all_fine", "all_coarse", "threshold=0.4",
     }  # fmt: skip
     # 32 px, coarse 8: 16 regions of 4 fine tokens; a fixed budget gives exact token counts
     msvit = report["validation"]["msvit"]
@@ -62,7 +62,7 @@ def test_pipeline_runs_every_stage_and_writes_the_results(tmp_path):
     assert report["validation"]["full-token-matched"]["gmacs"] == report["validation"]["full-token"]["gmacs"]
     # the matched reference trains as many epochs as adapt + joint: 2 x (24 scenes / batch 8) steps
     assert report["validation"]["full-token-matched"]["step"] == 6
-    assert set(report["test"]["msvit"]) == {"fine_ratio=0.5", "threshold=0.5"}
+    assert set(report["test"]["msvit"]) == {"fine_ratio=0.5", "threshold=0.5", "threshold=0.4"}
     assert json.loads((results_dir / "results.json").read_text())["target"] == report["target"]
     for name in ("table.md", "miou_vs_gmacs.png", "predictions.png"):
         assert (results_dir / name).is_file(), name
@@ -72,5 +72,7 @@ def test_pipeline_runs_every_stage_and_writes_the_results(tmp_path):
 
     # a second run reads the finished stages instead of training them again
     again = main(argv)
-    assert set(again["stage_seconds"]) == {"budgets-validation", "budgets-test"}
+    assert set(again["stage_seconds"]) == {
+        "budgets-validation", "budgets-test", "threshold-0.4-validation", "threshold-0.4-test",
+    }  # fmt: skip
     assert again["validation"] == report["validation"]

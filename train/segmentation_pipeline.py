@@ -14,9 +14,9 @@ Protocol (every stage is `train/run_segmentation.py`, in this process):
    the recipe's adapt and joint stages fine-tune the MSViT's backbone, so that both have seen the same number of
    backbone epochs. This is the reference of the target (the MSViT within 1 mIoU point of it at <= 60 % of its
    GMACs); without it the MSViT would be compared with a model trained for less.
-5. The joint model is measured on the validation split at fixed fine ratios, at its gate threshold, all fine and all
-   coarse, with the same weights; the other models at their own setting. The test split is measured once, at the
-   end, for the other models and the MSViT at its target budget and gate threshold.
+5. The joint model is measured on the validation split at fixed fine ratios, at its gate threshold and at
+   `--thresholds`, all fine and all coarse, with the same weights; the other models at their own setting. The test
+   split is measured once, at the end, for the other models and the MSViT at its target budget and thresholds.
 
 A finished stage (its `results.json` exists) is not run again, so an interrupted run continues where it stopped
 (`--overwrite` reruns everything). Writes `results.json`, `table.md`, `miou_vs_gmacs.png` and `predictions.png` to
@@ -58,6 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--decoder_type", choices=("linear", "mask_transformer"), default="linear", help="Segmentation decoder.")
     add("--target_fine_ratio", type=float, default=0.4, help="Fraction of regions the MSViT recipe aims to split.")
     add("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.75], help="Fine ratios measured.")
+    add(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[0.29, 0.3],
+        help="Gate thresholds measured besides the saved one, on validation and test (the defaults were chosen on "
+        "validation: just above the split probability the gate gives an empty region).",
+    )
     add("--fine_epochs", type=int, default=6, help="Epochs of the full-token and all-coarse models.")
     add("--adapt_epochs", type=int, default=1, help="Epochs on random splits.")
     add("--gate_epochs", type=int, default=1, help="Epochs of gate training (frozen backbone).")
@@ -117,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     measure = ["--eval_only", "--model_name_or_path", joint_model, "--eval_budgets"]
     validation = stage("budgets-validation", [*measure, *budgets, "threshold", "all_fine", "all_coarse"])
     test = stage("budgets-test", [*measure, str(args.target_fine_ratio), "threshold", "--eval_split", "test"])
+    for threshold in args.thresholds:  # one threshold per evaluation: it is the model's
+        at_threshold = [*measure, "threshold", "--gate_threshold", str(threshold)]
+        validation.update(stage(f"threshold-{threshold}-validation", at_threshold))
+        test.update(stage(f"threshold-{threshold}-test", [*at_threshold, "--eval_split", "test"]))
     report = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "stage_seconds": stage_seconds,
@@ -243,12 +255,26 @@ def plot_miou_vs_gmacs(validation: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    msvit = sorted(validation["msvit"].items(), key=lambda item: item[1]["gmacs"])
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([row["gmacs"] for _, row in msvit], [100 * row["mean_iou"] for _, row in msvit], "o-", label="MSViT")
-    for name, row in msvit:
-        axis.annotate(setting_label(name).split(" (")[0], (row["gmacs"], 100 * row["mean_iou"]), fontsize=7,
-                      xytext=(4, -10), textcoords="offset points")  # fmt: skip
+    fixed_ratio = {"all_coarse": 0.0, "all_fine": 1.0}
+    fixed = sorted(
+        (fixed_ratio[name] if name in fixed_ratio else float(name.split("=")[1]), row)
+        for name, row in validation["msvit"].items()
+        if not name.startswith("threshold=")
+    )
+    thresholds = [
+        (name.split("=")[1], row) for name, row in validation["msvit"].items() if name.startswith("threshold=")
+    ]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.plot([row["gmacs"] for _, row in fixed], [100 * row["mean_iou"] for _, row in fixed], "o-",
+              label="MSViT, fixed budget (fine ratio)")  # fmt: skip
+    for ratio, row in fixed:
+        axis.annotate(f"{ratio:g}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(3, -10),
+                      textcoords="offset points")  # fmt: skip
+    axis.plot([row["gmacs"] for _, row in thresholds], [100 * row["mean_iou"] for _, row in thresholds], "v",
+              color="tab:purple", label="MSViT, gate threshold")  # fmt: skip
+    for threshold, row in thresholds:
+        axis.annotate(f"t={threshold}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(-8, 6),
+                      textcoords="offset points", color="tab:purple")  # fmt: skip
     references = (
         ("full-token", "s", "full-token segmenter"),
         ("full-token-matched", "D", "full-token, trained as long as MSViT"),
