@@ -491,6 +491,11 @@ class MSViTPreTrainedModel(PreTrainedModel):
         target = min(max(self.config.target_fine_ratio, 0.01), 0.99)
         return math.log(target / (1 - target))
 
+    def _with_gate_loss(self, task_loss: torch.Tensor, gate_loss: torch.Tensor | None) -> torch.Tensor:
+        """The loss a head returns with labels: the task loss plus the weighted gate loss (training, gate decisions),
+        so that `Trainer` keeps the compute budget with no custom code."""
+        return task_loss if gate_loss is None else task_loss + self.config.gate_loss_weight * gate_loss
+
     def _head_macs(self, token_counts: torch.Tensor) -> int | torch.Tensor:
         """MACs of the task head per image, from the token counts (CLS included)."""
         return 0
@@ -735,9 +740,7 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-            if outputs.gate_loss is not None:
-                loss = loss + self.config.gate_loss_weight * outputs.gate_loss
+            loss = self._with_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), outputs.gate_loss)
         output = MSViTImageClassifierOutput(
             loss=loss,
             logits=logits,
@@ -877,8 +880,7 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         if labels is not None:
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(upsampled, labels, ignore_index=config.semantic_loss_ignore_index)
-            if outputs.gate_loss is not None:
-                loss = loss + config.gate_loss_weight * outputs.gate_loss
+            loss = self._with_gate_loss(loss, outputs.gate_loss)
         output = MSViTSemanticSegmenterOutput(
             loss=loss,
             logits=logits,

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 from string import Template
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig, SegformerImageProcessorPil, ViTImageProcessorPil
@@ -44,10 +45,22 @@ MODELING_FILES = (
 )
 
 
-# per head: the Auto class and pipeline task it serves, and its model card template
+class Task(NamedTuple):
+    """What a head serves: its Auto class, its model card template and the task's name in the Hub's metadata."""
+
+    auto_class: str
+    template: str
+    name: str
+
+
+# per pipeline task, keyed by its Hub id
 TASKS = {
-    "image-classification": ("AutoModelForImageClassification", "msvit-image-classification.md"),
-    "image-segmentation": ("AutoModelForSemanticSegmentation", "msvit-semantic-segmentation.md"),
+    "image-classification": Task(
+        "AutoModelForImageClassification", "msvit-image-classification.md", "Image Classification"
+    ),
+    "image-segmentation": Task(
+        "AutoModelForSemanticSegmentation", "msvit-semantic-segmentation.md", "Image Segmentation"
+    ),
 }
 
 
@@ -126,7 +139,7 @@ def render_model_card(
         },
         **compute_summary(model),
     }
-    template = TASKS[task_of(model)][1]
+    template = TASKS[task_of(model)].template
     return Template((MODEL_CARDS_DIR / template).read_text()).substitute(values)
 
 
@@ -209,7 +222,7 @@ def remote_code_logits(
         torch.save(pixel_values, inputs)
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(workdir) / "modules"))
-        auto_class = TASKS[task][0]
+        auto_class = TASKS[task].auto_class
         command = [
             sys.executable,
             "-c",

@@ -9,15 +9,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from tools.export import export_hub_folder
+from tools.export import TASKS, export_hub_folder, task_of
 from tools.gate_map import render_gate_map, side_by_side
 from train.evaluation import upsampled_argmax
 
 
-TASKS = {
-    "image-classification": "Image Classification",
-    "image-segmentation": "Image Segmentation",
-}
 COMPUTE_COLUMNS = (
     ("GMACs / image", lambda r: f"{r['gmacs']:.4f}"),
     ("tokens / image", lambda r: f"{r['tokens']:.1f}"),
@@ -91,7 +87,7 @@ def model_index(model_name: str, dataset: str, split: str, task: str, metrics: l
             "name": model_name,
             "results": [
                 {
-                    "task": {"type": task, "name": TASKS[task]},
+                    "task": {"type": task, "name": TASKS[task].name},
                     "dataset": {"type": dataset, "name": dataset, "split": split},
                     "metrics": metrics,
                 }
@@ -100,11 +96,10 @@ def model_index(model_name: str, dataset: str, split: str, task: str, metrics: l
     ]
 
 
-def export_hub(
-    model, processor, results: dict, output_dir: Path, args: argparse.Namespace, *, script: str, task: str
-) -> Path:
+def export_hub(model, processor, results: dict, output_dir: Path, args: argparse.Namespace, *, script: str) -> Path:
     """Write `hub/`: the model, its processor and a card with the measured results of the reported split."""
     name = f"msvit-{output_dir.name}"
+    task = task_of(model)
     split = reported_split(results)
     scores = results[split]
     if task == "image-segmentation":
@@ -155,9 +150,7 @@ def export_trained_msvit(
     model, processor, validation, results: dict, output_dir: Path, args: argparse.Namespace
 ) -> Path:
     """Write `hub/` (model card with the measured results) and `gate_maps.png` of the first validation images."""
-    folder = export_hub(
-        model, processor, results, output_dir, args, script="run_classification.py", task="image-classification"
-    )
+    folder = export_hub(model, processor, results, output_dir, args, script="run_classification.py")
     count = min(args.num_gate_map_images, len(validation))
     if count:
         images = [validation[i]["image"] for i in range(count)]
@@ -207,9 +200,7 @@ def export_trained_segmenter(
 ) -> Path:
     """Write `hub/` (model card with the measured results) and `predictions.png` of `images` (PIL) and their
     processed `batch` (`pixel_values`, `labels`)."""
-    folder = export_hub(
-        model, processor, results, output_dir, args, script="run_segmentation.py", task="image-segmentation"
-    )
+    folder = export_hub(model, processor, results, output_dir, args, script="run_segmentation.py")
     if images:
         prediction_sheet(model, images, batch["pixel_values"], batch["labels"]).save(output_dir / "predictions.png")
     return folder

@@ -40,6 +40,7 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoImageProcessor, SegformerImageProcessorPil
 
 from modeling_msvit import MSViTConfig, MSViTForSemanticSegmentation
+from tools.export import image_processor_for
 from train.evaluation import evaluate_segmenter, forced_split_kwargs
 from train.metrics import load_metric
 from train.reporting import export_trained_segmenter
@@ -197,10 +198,7 @@ def build_model(args: argparse.Namespace) -> tuple[MSViTForSemanticSegmentation,
     if is_segmenter:
         processor = AutoImageProcessor.from_pretrained(source)
     else:
-        size = model.config.image_size
-        processor = SegformerImageProcessorPil(
-            size={"height": size, "width": size}, image_mean=0.5, image_std=0.5, do_reduce_labels=False
-        )
+        processor = image_processor_for(model.config, "image-segmentation")
     return model, processor
 
 
