@@ -6,6 +6,9 @@ from transformers import PreTrainedConfig
 
 
 GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
+GATE_TYPES = ("learned", "entropy", "std")
+GATE_OBJECTIVES = ("counterfactual", "straight_through")
+COUNTERFACTUAL_LAYOUTS = ("gate", "uniform")
 TOKEN_PATHS = ("masked", "gathered")
 MASKED_PATH_ATTENTIONS = ("key_mask", "masked_softmax")
 GATE_LOSSES = ("gbas", "bas", "ratio")
@@ -28,6 +31,9 @@ VIT_CONFIG_FIELDS = (
     "id2label",
     "label2id",
 )
+
+# Behaviour of a `config.json` saved before these fields existed: loading it keeps the model it described.
+LEGACY_DEFAULTS = {"size_aware_attention": False, "gate_objective": "straight_through"}
 
 # Written into every saved `config.json` so that a plain `save_pretrained` folder loads with
 # `trust_remote_code=True` through any of the Auto classes.
@@ -61,6 +67,23 @@ class MSViTConfig(PreTrainedConfig):
             embedded with the same patch embedding as fine patches (unless `separate_coarse_embedding`).
         separate_coarse_embedding (`bool`, *optional*, defaults to `False`):
             Ablation: embed coarse patches with their own projection instead of the shared one.
+        size_aware_attention (`bool`, *optional*, defaults to `True`):
+            Raise every attention score towards a key by the log of the number of fine cells that key covers (`log
+            r**2` for a coarse token, 0 for fine tokens and CLS; ToMe's proportional attention). A coarse token over
+            a uniform region then attends and is attended exactly like its `r**2` children would, so a ViT trained on
+            fine tokens alone tolerates mixed layouts. With every region split the model is exactly a ViT either way.
+            A `config.json` saved without this field loads with `False`, the behaviour it was trained with.
+        gate_type (`str`, *optional*, defaults to `"learned"`):
+            Who scores the regions: `"learned"` (the gate MLP), or a training-free rule on the region's own pixels
+            (APT's adaptive patch sizes): `"entropy"` (entropy of the region's pixel histogram, divided by its
+            maximum `log(gate_entropy_bins)`) or `"std"` (`tanh` of the standard deviation of its pixels). A rule
+            gate has no weights: `from_vit(vit, gate_type="entropy", fine_ratio_budget=0.5)` needs no training.
+        gate_entropy_bins (`int`, *optional*, defaults to 32):
+            Histogram bins of the `"entropy"` rule.
+        gate_entropy_range (`list[float]`, *optional*, defaults to `[-1.0, 1.0]`):
+            Pixel-value range that the `"entropy"` rule's bins cover (values outside fall into the end bins). The
+            default is the range of images normalised with mean 0.5 and std 0.5; use `[(0 - m) / s, (1 - m) / s]`
+            for other normalisations.
         gate_input (`str`, *optional*, defaults to `"downscaled_pixels"`):
             What the gate reads for each coarse region: `"downscaled_pixels"` (the region area-downscaled to
             `patch_size`), `"pixels"` (the region at full resolution) or `"coarse_embedding"` (the coarse token's patch
@@ -84,8 +107,26 @@ class MSViTConfig(PreTrainedConfig):
             multiplied by 0, so the gate hears only from the alternative it chose) or `"masked_softmax"` (DynamicViT's
             softmax weighted by the straight-through values, which passes gradient through both alternatives;
             computed in eager mode whatever `attn_implementation` is).
+        gate_objective (`str`, *optional*, defaults to `"counterfactual"`):
+            How a learned gate trains. `"counterfactual"`: every training forward with `labels` samples a layout,
+            flips `counterfactual_flips` regions per image, measures with one extra no-grad forward how much the
+            task loss drops when each flipped region is split instead of kept, and regresses that region's split
+            logit on `counterfactual_target_scale` times the drop; the gate's logit then predicts the loss drop of
+            splitting (in units of `1 / counterfactual_target_scale` nats). `"straight_through"`: the paper's
+            Gumbel-sigmoid with a straight-through estimator, with the compute-budget loss `gate_loss_type`.
+            A `config.json` saved without this field loads with `"straight_through"`.
+        counterfactual_flips (`int`, *optional*, defaults to 1):
+            Regions flipped per image and training step (counterfactual objective); each costs one image's forward.
+        counterfactual_target_scale (`float`, *optional*, defaults to 10.0):
+            The split logit regresses this times the measured loss drop. With it, `gate_threshold=t` splits the
+            regions whose predicted loss drop exceeds `logit(t) / counterfactual_target_scale` nats.
+        counterfactual_layouts (`str`, *optional*, defaults to `"gate"`):
+            How the counterfactual objective samples each training layout: a fine ratio uniform in [0, 1] per image,
+            and then the regions with the highest gate logits plus Gumbel noise (`"gate"`: layouts like those the
+            gate will choose, with exploration) or uniformly random regions (`"uniform"`).
         gate_loss_type (`str`, *optional*, defaults to `"gbas"`):
-            The compute-budget loss on the gate's soft split values (see `gate_losses.py`): `"gbas"`, the paper's
+            Straight-through objective only. The compute-budget loss on the gate's soft split values (see
+            `gate_losses.py`): `"gbas"`, the paper's
             generalized batch-shaping (a learned Relaxed-Bernoulli prior per coarse position, a Gaussian hyperprior
             on their means centred on `target_fine_ratio`, an L1 term on their temperatures); `"bas"`, plain
             batch-shaping against one shared prior; `"ratio"`, `(mean soft split value - target_fine_ratio) ** 2`.
@@ -140,6 +181,10 @@ class MSViTConfig(PreTrainedConfig):
     num_channels: int = 3
     qkv_bias: bool = True
     separate_coarse_embedding: bool = False
+    size_aware_attention: bool = True
+    gate_type: str = "learned"
+    gate_entropy_bins: int = 32
+    gate_entropy_range: list[float] | tuple[float, float] = (-1.0, 1.0)
     gate_input: str = "downscaled_pixels"
     gate_hidden_size: int = 64
     gate_num_layers: int = 4
@@ -148,6 +193,10 @@ class MSViTConfig(PreTrainedConfig):
     fine_ratio_budget: float | int | None = None
     train_token_path: str = "masked"
     masked_path_attention: str = "key_mask"
+    gate_objective: str = "counterfactual"
+    counterfactual_flips: int = 1
+    counterfactual_target_scale: float | int = 10.0
+    counterfactual_layouts: str = "gate"
     gate_loss_type: str = "gbas"
     target_fine_ratio: float | int = 0.5
     gate_loss_weight: float | int = 1.0
@@ -159,6 +208,11 @@ class MSViTConfig(PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
     decoder_type: str = "linear"
     decoder_num_layers: int = 2
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "MSViTConfig":
+        # a saved config without the newer fields describes a model trained before them: keep its behaviour
+        return super().from_dict({**LEGACY_DEFAULTS, **config_dict}, **kwargs)
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
@@ -193,6 +247,8 @@ class MSViTConfig(PreTrainedConfig):
             "gate_hidden_size",
             "gate_num_layers",
             "decoder_num_layers",
+            "gate_entropy_bins",
+            "counterfactual_flips",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -219,6 +275,15 @@ class MSViTConfig(PreTrainedConfig):
             raise ValueError(f"`fine_ratio_budget` must be None or lie in [0, 1], got {self.fine_ratio_budget}.")
         if not 0.0 <= self.target_fine_ratio <= 1.0:
             raise ValueError(f"`target_fine_ratio` must lie in [0, 1], got {self.target_fine_ratio}.")
+        if self.counterfactual_target_scale <= 0:
+            raise ValueError(
+                f"`counterfactual_target_scale` must be positive, got {self.counterfactual_target_scale}."
+            )
+        low, high = self.gate_entropy_range
+        if not low < high:
+            raise ValueError(
+                f"`gate_entropy_range` must be [low, high] with low < high, got {self.gate_entropy_range}."
+            )
         if self.gate_temperature <= 0:
             raise ValueError(f"`gate_temperature` must be positive, got {self.gate_temperature}.")
         for name in ("gate_loss_weight", "gbas_hyperprior_weight", "gbas_temperature_weight"):
@@ -229,6 +294,9 @@ class MSViTConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
         for name, value, allowed in (
             ("gate_input", self.gate_input, GATE_INPUTS),
+            ("gate_type", self.gate_type, GATE_TYPES),
+            ("gate_objective", self.gate_objective, GATE_OBJECTIVES),
+            ("counterfactual_layouts", self.counterfactual_layouts, COUNTERFACTUAL_LAYOUTS),
             ("train_token_path", self.train_token_path, TOKEN_PATHS),
             ("masked_path_attention", self.masked_path_attention, MASKED_PATH_ATTENTIONS),
             ("gate_loss_type", self.gate_loss_type, GATE_LOSSES),

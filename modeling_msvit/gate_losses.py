@@ -1,8 +1,16 @@
 # Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
-"""Compute-budget losses on the gate's soft split values.
+"""How a learned gate trains: the paper's compute-budget losses (straight-through objective) and the counterfactual
+region-flip objective.
 
-All losses take `split_soft` of shape `(B, Nc)`: the relaxed (Gumbel-sigmoid) split value of every coarse region in
-a batch, in (0, 1). They shape the *distribution* of these values, not only their mean:
+**Counterfactual objective.** The value of splitting region `j` of an image is measurable directly: the drop of the
+task loss when `j` is split instead of kept, all other regions fixed. A training step samples a layout per image
+(`sample_training_layouts`), picks regions to flip (`sample_flips`), runs the flipped layouts once more without
+gradients, and regresses each flipped region's split logit on `scale * loss drop`
+(`counterfactual_regression_loss`). The layout's own forward pass is shared by all its flips.
+
+**Straight-through objective** (the paper's). All budget losses take `split_soft` of shape `(B, Nc)`: the relaxed
+(Gumbel-sigmoid) split value of every coarse region in a batch, in (0, 1). They shape the *distribution* of these
+values, not only their mean:
 
 * **batch-shaping (BaS)**: the Cramér–von Mises distance between the empirical distribution of all `B * Nc` values
   and one shared prior;
@@ -76,8 +84,60 @@ def generalized_batch_shaping_loss(
     return per_position.mean()
 
 
+def sample_training_layouts(split_logits: torch.Tensor, mode: str) -> torch.Tensor:
+    """Training layouts `(B, Nc)` bool for the counterfactual objective.
+
+    Each image gets a fine ratio uniform in [0, 1] (so the gate learns the value of a region in sparse and in dense
+    layouts alike) and splits that many regions: those with the highest `split_logits + Gumbel noise` (`"gate"`,
+    layouts like the gate's own choices, explored) or uniformly random ones (`"uniform"`). No gradient flows.
+    """
+    batch_size, num_coarse = split_logits.shape
+    num_split = torch.round(torch.rand(batch_size, 1, device=split_logits.device) * num_coarse)
+    uniform = torch.rand_like(split_logits, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+    if mode == "gate":
+        scores = split_logits.detach().float() - torch.log(-torch.log(uniform))
+    else:
+        scores = uniform
+    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
+    return rank < num_split
+
+
+def sample_flips(batch_size: int, num_coarse: int, num_flips: int, device=None) -> torch.Tensor:
+    """`(B, K)` distinct random regions per image to flip (K = `num_flips`, at most `Nc`)."""
+    num_flips = min(num_flips, num_coarse)
+    return torch.rand(batch_size, num_coarse, device=device).argsort(dim=1)[:, :num_flips]
+
+
+def flipped_layouts(split_mask: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """`(B * K, Nc)` layouts: image `b`'s layout with region `flips[b, k]` flipped, in `(b, k)` order."""
+    num_flips = flips.shape[1]
+    flip = torch.zeros(*flips.shape, split_mask.shape[1], dtype=torch.bool, device=split_mask.device)
+    flip.scatter_(2, flips[..., None], True)
+    return (split_mask[:, None, :] ^ flip).flatten(0, 1) if num_flips else split_mask[:0]
+
+
+def split_loss_drop(
+    split_mask: torch.Tensor, flips: torch.Tensor, layout_losses: torch.Tensor, flipped_losses: torch.Tensor
+) -> torch.Tensor:
+    """Loss drop of splitting each flipped region, `loss(region kept) - loss(region split)`: `(B, K)`.
+
+    `layout_losses` `(B,)` are the per-image losses of the sampled layouts, `flipped_losses` `(B, K)` those of the
+    flipped layouts (`flipped_layouts` order)."""
+    was_split = split_mask.gather(1, flips)
+    layout_losses = layout_losses[:, None]
+    return torch.where(was_split, flipped_losses - layout_losses, layout_losses - flipped_losses)
+
+
+def counterfactual_regression_loss(
+    predicted_logits: torch.Tensor, loss_drop: torch.Tensor, target_scale: float
+) -> torch.Tensor:
+    """Mean squared error of the flipped regions' split logits `(B, K)` against `target_scale * loss_drop`."""
+    return ((predicted_logits.float() - target_scale * loss_drop.detach().float()) ** 2).mean()
+
+
 class MSViTGateLoss(nn.Module):
-    """The gate loss selected by `config.gate_loss_type`, holding gBaS's learnable priors (one per coarse position).
+    """The straight-through objective's budget loss selected by `config.gate_loss_type`, holding gBaS's learnable
+    priors (one per coarse position; only under that objective, the only one that uses them).
 
     Returns the unweighted loss; the heads add `config.gate_loss_weight` times it to the task loss.
     """
@@ -85,12 +145,13 @@ class MSViTGateLoss(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.loss_type = config.gate_loss_type
+        uses_priors = config.gate_objective == "straight_through" and config.gate_type == "learned"
         self.target = config.target_fine_ratio
         self.prior_temperature = config.gate_prior_temperature
         self.hyperprior_weight = config.gbas_hyperprior_weight
         self.temperature_weight = config.gbas_temperature_weight
         self.num_coarse = config.coarse_grid_size[0] * config.coarse_grid_size[1]
-        if self.loss_type == "gbas":
+        if self.loss_type == "gbas" and uses_priors:
             # stored as logit(mu_k) and log(tau_k): unconstrained parameters for valid priors
             self.prior_mean_logits = nn.Parameter(torch.zeros(self.num_coarse))
             self.prior_log_temperatures = nn.Parameter(torch.zeros(self.num_coarse))
@@ -127,9 +188,14 @@ class MSViTGateLoss(nn.Module):
 __all__ = [
     "MSViTGateLoss",
     "batch_shaping_loss",
+    "counterfactual_regression_loss",
     "cramer_von_mises",
+    "flipped_layouts",
     "gaussian_cdf",
     "generalized_batch_shaping_loss",
     "ratio_loss",
     "relaxed_bernoulli_cdf",
+    "sample_flips",
+    "sample_training_layouts",
+    "split_loss_drop",
 ]

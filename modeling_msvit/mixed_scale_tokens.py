@@ -197,13 +197,31 @@ def tokens_to_grid(
     return grid.transpose(1, 2).reshape(batch_size, dim, fine_h, fine_w)
 
 
+def token_sizes(token_index: torch.Tensor, num_coarse: int, ratio: int) -> torch.Tensor:
+    """Fine grid cells each candidate position stands for `(B, L)`, whether active or not: `r**2` for a coarse token,
+    1 for a fine token and for CLS (index 0), from a `(B, L)` token index (`1 + c` for candidate `c`)."""
+    is_coarse = (token_index > 0) & (token_index <= num_coarse)  # index 1 + c, so coarse c < Nc is <= Nc
+    return torch.where(is_coarse, ratio * ratio, 1)
+
+
 def token_cell_counts(
     token_index: torch.Tensor, token_mask: torch.Tensor, num_coarse: int, ratio: int
 ) -> torch.Tensor:
     """Fine grid cells each position stands for `(B, L)`: `r**2` for an active coarse token, 1 for an active fine
     token, 0 for CLS, padding and inactive candidates."""
-    cells = torch.where(token_index <= num_coarse, ratio * ratio, 1)  # index 1 + c, so coarse c < Nc is <= Nc
-    return torch.where(token_mask & (token_index > 0), cells, 0)
+    return torch.where(token_mask & (token_index > 0), token_sizes(token_index, num_coarse, ratio), 0)
+
+
+def attention_key_bias(key_cells: torch.Tensor, dtype: torch.dtype, query_length: int) -> torch.Tensor:
+    """Additive attention mask `(B, 1, query_length, L)` from the fine cells each key stands for `(B, L)`.
+
+    A key that stands for `n` cells gets `log n` added to its scores (0 for a single cell): attending to it equals
+    attending to `n` identical copies of it. A key with `n = 0` (padding, inactive candidates) gets the dtype's
+    minimum, so it is never attended to. The query dimension is an expanded view (no memory), so that the mask
+    indexes like a full 4D mask (as flex_attention's score_mod does).
+    """
+    bias = torch.log(key_cells.to(dtype)).clamp(min=torch.finfo(dtype).min)
+    return bias[:, None, None, :].expand(-1, 1, query_length, -1)
 
 
 def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
@@ -215,6 +233,7 @@ def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
 
 
 __all__ = [
+    "attention_key_bias",
     "candidate_active_mask",
     "candidate_mask_values",
     "candidate_patches",
@@ -226,6 +245,7 @@ __all__ = [
     "pool_fine_grid",
     "token_cell_counts",
     "token_counts",
+    "token_sizes",
     "tokens_to_grid",
     "topk_split_mask",
 ]

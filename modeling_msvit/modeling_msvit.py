@@ -19,9 +19,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_msvit import VIT_CONFIG_FIELDS, MSViTConfig
-from .gate_losses import MSViTGateLoss
+from .gate_losses import (
+    MSViTGateLoss,
+    counterfactual_regression_loss,
+    flipped_layouts,
+    sample_flips,
+    sample_training_layouts,
+    split_loss_drop,
+)
 from .macs_msvit import encoder_macs, mlp_macs
 from .mixed_scale_tokens import (
+    attention_key_bias,
     candidate_active_mask,
     candidate_mask_values,
     candidate_patches,
@@ -32,6 +40,7 @@ from .mixed_scale_tokens import (
     pool_fine_grid,
     token_cell_counts,
     token_counts,
+    token_sizes,
     tokens_to_grid,
     topk_split_mask,
 )
@@ -61,12 +70,17 @@ class MSViTModelOutput(ModelOutput):
     split_mask (`torch.BoolTensor` of shape `(batch_size, num_coarse)`):
         Hard decisions per coarse region (raster order), True = split into fine tokens.
     split_probs (`torch.FloatTensor` of shape `(batch_size, num_coarse)`):
-        The gate's split probability per region, `sigmoid(gate logit)`.
+        The gate's split probability per region, `sigmoid(split_logits)`.
+    split_logits (`torch.FloatTensor` of shape `(batch_size, num_coarse)`):
+        The gate's score per region; the fixed budget splits the highest. A gate trained with the counterfactual
+        objective predicts `config.counterfactual_target_scale` times the loss drop of splitting the region.
     token_counts (`torch.LongTensor` of shape `(batch_size,)`):
         Active tokens per image including CLS: `1 + Nc + (r**2 - 1) * #split`.
     gate_loss (`torch.FloatTensor` of shape `()`):
-        The compute-budget loss on the gate's sampled decisions (`config.gate_loss_type`), unweighted; training only
-        (None at inference, where the budget or threshold sets the compute, and when decisions were forced).
+        The straight-through objective's compute-budget loss on the gate's sampled decisions
+        (`config.gate_loss_type`), unweighted; training only (None at inference, where the budget or threshold sets
+        the compute, when decisions were forced, and under the counterfactual objective, whose loss the heads
+        compute from the labels).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -76,6 +90,7 @@ class MSViTModelOutput(ModelOutput):
     token_index: torch.LongTensor | None = None
     split_mask: torch.BoolTensor | None = None
     split_probs: torch.FloatTensor | None = None
+    split_logits: torch.FloatTensor | None = None
     token_counts: torch.LongTensor | None = None
     gate_loss: torch.FloatTensor | None = None
 
@@ -84,11 +99,13 @@ class MSViTModelOutput(ModelOutput):
 class MSViTImageClassifierOutput(ImageClassifierOutput):
     r"""
     [`ImageClassifierOutput`] with MSViT's gate fields (see [`MSViTModelOutput`]). With `labels`, `loss` is the
-    classification loss plus `config.gate_loss_weight * gate_loss`.
+    classification loss plus `config.gate_loss_weight * gate_loss`; in training under the counterfactual objective
+    `gate_loss` is the regression loss of the flipped regions' split logits on their measured loss drops.
     """
 
     split_mask: torch.BoolTensor | None = None
     split_probs: torch.FloatTensor | None = None
+    split_logits: torch.FloatTensor | None = None
     token_counts: torch.LongTensor | None = None
     gate_loss: torch.FloatTensor | None = None
 
@@ -103,6 +120,7 @@ class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 
     split_mask: torch.BoolTensor | None = None
     split_probs: torch.FloatTensor | None = None
+    split_logits: torch.FloatTensor | None = None
     token_counts: torch.LongTensor | None = None
     gate_loss: torch.FloatTensor | None = None
 
@@ -114,10 +132,12 @@ class MixedScaleTokens:
     embeddings: torch.Tensor
     token_mask: torch.Tensor
     token_index: torch.Tensor
+    # None (attend to everything), a (B, L) bool key mask, or a 4D additive mask (size-aware attention)
     attention_mask: torch.Tensor | None
     key_weights: torch.Tensor | None
     split_mask: torch.Tensor
     split_probs: torch.Tensor
+    split_logits: torch.Tensor
     split_soft: torch.Tensor | None
 
 
@@ -173,6 +193,36 @@ class MSViTGate(nn.Module):
         return self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias
 
 
+class MSViTContentGate(nn.Module):
+    """A training-free gate (APT's adaptive patch sizes): scores each coarse region by the spread of its own pixels.
+
+    `"entropy"`: the entropy of the histogram of the region's pixel values (all channels, `gate_entropy_bins` bins
+    over `gate_entropy_range`), divided by its maximum `log(bins)`; `"std"`: `tanh` of their standard deviation.
+    Either score lies in [0, 1] and is the split probability, so a threshold reads as a fraction of the maximum.
+    """
+
+    def __init__(self, config: MSViTConfig):
+        super().__init__()
+        self.rule = config.gate_type
+        self.num_bins = config.gate_entropy_bins
+        self.value_range = tuple(config.gate_entropy_range)
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        regions = regions.float()
+        if self.rule == "std":
+            split_probs = torch.tanh(regions.std(dim=-1, unbiased=False))
+        else:
+            low, high = self.value_range
+            bins = ((regions - low) * (self.num_bins / (high - low))).floor().clamp(0, self.num_bins - 1).long()
+            counts = regions.new_zeros(*regions.shape[:-1], self.num_bins).scatter_add_(
+                -1, bins, torch.ones_like(regions)
+            )
+            frequencies = counts / regions.shape[-1]
+            entropy = -(frequencies * torch.log(frequencies.clamp_min(1e-12))).sum(-1)
+            split_probs = entropy / math.log(self.num_bins)
+        return torch.logit(split_probs, eps=1e-6)
+
+
 class MSViTEmbeddings(nn.Module):
     """
     Construct the CLS token and the gated mixed-scale patch tokens with their position embeddings.
@@ -192,7 +242,7 @@ class MSViTEmbeddings(nn.Module):
         self.coarse_patch_embeddings = MSViTPatchEmbeddings(config) if config.separate_coarse_embedding else None
         fine_height, fine_width = config.fine_grid_size
         self.position_embeddings = nn.Parameter(torch.randn(1, 1 + fine_height * fine_width, config.hidden_size))
-        self.gate = MSViTGate(config)
+        self.gate = MSViTGate(config) if config.gate_type == "learned" else MSViTContentGate(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def candidate_position_embeddings(self, height: int, width: int, interpolate_pos_encoding: bool) -> torch.Tensor:
@@ -231,7 +281,7 @@ class MSViTEmbeddings(nn.Module):
         return tokens
 
     def gate_inputs(self, pixel_values: torch.Tensor, coarse_patches: torch.Tensor) -> torch.Tensor:
-        if self.config.gate_input == "pixels":
+        if self.config.gate_input == "pixels" or self.config.gate_type != "learned":
             return patchify(pixel_values, self.config.coarse_patch_size)
         if self.config.gate_input == "coarse_embedding":
             projection = self.coarse_patch_embeddings or self.patch_embeddings
@@ -244,7 +294,11 @@ class MSViTEmbeddings(nn.Module):
         """Return (split values multiplying the tokens, hard split mask, soft values for the gate loss or None)."""
         if split_mask is not None:
             return split_mask.to(split_logits.dtype), split_mask, None
-        if self.training:
+        learned = self.config.gate_type == "learned"
+        if self.training and learned and self.config.gate_objective == "counterfactual":
+            hard = sample_training_layouts(split_logits, self.config.counterfactual_layouts)
+            return hard.to(split_logits.dtype), hard, None
+        if self.training and learned:
             # Gumbel-sigmoid with a straight-through estimator: hard 0/1 forward, soft gradient
             split_soft = gumbel_sigmoid(split_logits, self.config.gate_temperature)
             hard = split_soft > 0.5
@@ -271,7 +325,11 @@ class MSViTEmbeddings(nn.Module):
         candidates = candidate_patches(pixel_values, self.patch_size, self.ratio)
         coarse_patches = candidates[:, :num_coarse]
         split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
-        budgeted = split_mask is None and not self.training and self.config.fine_ratio_budget is not None
+        budgeted = (
+            split_mask is None
+            and self.config.fine_ratio_budget is not None
+            and (not self.training or self.config.gate_type != "learned")
+        )
         split_probs = torch.sigmoid(split_logits)
         split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask)
 
@@ -288,26 +346,46 @@ class MSViTEmbeddings(nn.Module):
             candidates = gather_tokens(candidates, index)
         tokens = self.embed_patches(candidates, index, num_coarse, positions)
         token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
+        token_index = torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1)
+        size_aware = self.config.size_aware_attention
+        # fine cells each key stands for: raises a coarse key's scores by log r**2 (size-aware attention)
+        key_sizes = token_sizes(token_index, num_coarse, self.ratio) if size_aware else None
         key_weights = None
         if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":
             # DynamicViT-style: the straight-through values weight the keys inside the softmax, so the gate also
             # hears from the alternative it did not choose (inactive tokens keep their values)
             mask_values = candidate_mask_values(split_values, self.ratio)
             key_weights = torch.cat([mask_values.new_ones(batch_size, 1), mask_values], dim=1)
+            if size_aware:
+                key_weights = key_weights * key_sizes
         elif split_values.requires_grad:
             tokens = tokens * candidate_mask_values(split_values, self.ratio).gather(1, index)[..., None]
 
         cls_tokens = (self.cls_token + self.position_embeddings[:, :1]).expand(batch_size, -1, -1)
         embeddings = self.dropout(torch.cat([cls_tokens, tokens.to(cls_tokens.dtype)], dim=1))
-        all_valid = static_length is not None or (token_path != "masked" and bool(valid.all()))
+        attention_mask = None
+        if key_weights is None:
+            if static_length is not None:
+                # fixed budget: no padding, and coarse tokens exactly when not every region is split
+                padded, has_coarse = False, self.num_split_in_budget(num_coarse) < num_coarse
+            elif token_path == "masked":
+                padded, has_coarse = True, True
+            else:
+                padded, has_coarse = bool(~valid.all()), bool(~split_mask.all())  # host syncs
+            if size_aware and (padded or has_coarse):
+                key_cells = torch.where(token_mask, key_sizes, 0)
+                attention_mask = attention_key_bias(key_cells, embeddings.dtype, embeddings.shape[1])
+            elif padded:
+                attention_mask = token_mask
         return MixedScaleTokens(
             embeddings=embeddings,
             token_mask=token_mask,
-            token_index=torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1),
-            attention_mask=None if all_valid or key_weights is not None else token_mask,
+            token_index=token_index,
+            attention_mask=attention_mask,
             key_weights=key_weights,
             split_mask=split_mask,
             split_probs=split_probs,
+            split_logits=split_logits,
             split_soft=split_soft,
         )
 
@@ -356,6 +434,10 @@ def masked_softmax_attention_forward(
     return attn_output, attn_weights
 
 
+def _is_additive(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point()
+
+
 class MSViTAttention(nn.Module):
     def __init__(self, config: MSViTConfig):
         super().__init__()
@@ -383,6 +465,11 @@ class MSViTAttention(nn.Module):
         )
         if kwargs.get("key_weights") is not None:
             attention_interface = masked_softmax_attention_forward
+        elif self.config._attn_implementation == "flex_attention" and _is_additive(attention_mask):
+            # flex_attention reads an additive mask by chained indexing, which torch's CPU compiler miscompiles; the
+            # same bias as `position_bias` is read with one index
+            kwargs["position_bias"] = attention_mask.expand(-1, query_states.shape[1], -1, -1)
+            attention_mask = None
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -449,7 +536,7 @@ class MSViTPreTrainedModel(PreTrainedModel):
         if isinstance(module, MSViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, MSViTGateLoss) and module.loss_type == "gbas":
+        elif isinstance(module, MSViTGateLoss) and hasattr(module, "prior_mean_logits"):
             init.constant_(module.prior_mean_logits, self._target_logit())
             init.constant_(module.prior_log_temperatures, math.log(self.config.gate_prior_temperature))
             init.constant_(module.hyperprior_log_std, math.log(self.config.gbas_hyperprior_std))
@@ -500,6 +587,54 @@ class MSViTPreTrainedModel(PreTrainedModel):
         """MACs of the task head per image, from the token counts (CLS included)."""
         return 0
 
+    def _task_logits(self, outputs: MSViTModelOutput, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The head's logits from the backbone's outputs."""
+        raise NotImplementedError
+
+    def _per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task loss of every image `(B,)`: what a region's split is worth to the counterfactual objective."""
+        raise NotImplementedError
+
+    def _training_gate_loss(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor,
+        outputs: MSViTModelOutput,
+        logits: torch.Tensor,
+        forced_split_mask: torch.Tensor | None,
+        interpolate_pos_encoding: bool | None,
+    ) -> torch.Tensor | None:
+        """The gate loss of a forward pass with labels: the backbone's straight-through budget loss, or in training
+        under the counterfactual objective the regression of flipped regions' split logits on their loss drops.
+
+        The sampled layout's own forward pass (`outputs`, `logits`) serves every flip; the `counterfactual_flips`
+        flipped layouts per image run as one extra batch without gradients, on the gathered path (the cheapest, and
+        equal to the masked one for the same decisions).
+        """
+        config = self.config
+        counterfactual = config.gate_type == "learned" and config.gate_objective == "counterfactual"
+        if not (self.training and counterfactual and forced_split_mask is None):
+            return outputs.gate_loss
+        split_mask = outputs.split_mask
+        batch_size, num_coarse = split_mask.shape
+        flips = sample_flips(batch_size, num_coarse, config.counterfactual_flips, split_mask.device)
+        num_flips = flips.shape[1]
+        with torch.no_grad():
+            layout_losses = self._per_image_loss(logits.detach(), labels)
+            flipped_pixels = pixel_values.repeat_interleave(num_flips, dim=0)
+            flipped_outputs = self.msvit(
+                flipped_pixels,
+                split_mask=flipped_layouts(split_mask, flips),
+                token_path="gathered",
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                return_dict=True,
+            )
+            flipped_logits = self._task_logits(flipped_outputs, flipped_pixels)
+            flipped_losses = self._per_image_loss(flipped_logits, labels.repeat_interleave(num_flips, dim=0))
+            loss_drop = split_loss_drop(split_mask, flips, layout_losses, flipped_losses.view(batch_size, num_flips))
+        predicted = outputs.split_logits.gather(1, flips)
+        return counterfactual_regression_loss(predicted, loss_drop, config.counterfactual_target_scale)
+
     def compute_macs(self, token_counts: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Per-image MACs `(B,)` from each image's own active token count (CLS included).
 
@@ -512,8 +647,11 @@ class MSViTPreTrainedModel(PreTrainedModel):
         height, width = image_size or (fine_height * config.patch_size, fine_width * config.patch_size)
         num_coarse = (height // config.coarse_patch_size) * (width // config.coarse_patch_size)
         patch_values = config.num_channels * config.patch_size**2
-        gate = num_coarse * mlp_macs(MSViTGate.layer_sizes(config))
-        if config.gate_input == "coarse_embedding":
+        if config.gate_type == "learned":
+            gate = num_coarse * mlp_macs(MSViTGate.layer_sizes(config))
+        else:  # a rule gate reads every value of its region once
+            gate = num_coarse * config.num_channels * config.coarse_patch_size**2
+        if config.gate_type == "learned" and config.gate_input == "coarse_embedding":
             gate += num_coarse * patch_values * config.hidden_size
         projections = 2 if config.separate_coarse_embedding else 1
         embedding = (token_counts - 1) * patch_values * config.hidden_size * projections
@@ -690,6 +828,7 @@ class MSViTModel(MSViTPreTrainedModel):
             token_index=tokens.token_index,
             split_mask=tokens.split_mask,
             split_probs=tokens.split_probs,
+            split_logits=tokens.split_logits,
             token_counts=token_counts(tokens.split_mask, self.config.scale_ratio),
             gate_loss=gate_loss,
         )
@@ -736,11 +875,14 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        logits = self._task_logits(outputs, pixel_values)
 
-        loss = None
+        loss, gate_loss = None, outputs.gate_loss
         if labels is not None:
-            loss = self._with_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), outputs.gate_loss)
+            gate_loss = self._training_gate_loss(
+                pixel_values, labels, outputs, logits, split_mask, interpolate_pos_encoding
+            )
+            loss = self._with_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), gate_loss)
         output = MSViTImageClassifierOutput(
             loss=loss,
             logits=logits,
@@ -748,10 +890,22 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
             attentions=outputs.attentions,
             split_mask=outputs.split_mask,
             split_probs=outputs.split_probs,
+            split_logits=outputs.split_logits,
             token_counts=outputs.token_counts,
-            gate_loss=outputs.gate_loss,
+            gate_loss=gate_loss,
         )
         return output if return_dict else output.to_tuple()
+
+    def _task_logits(self, outputs: MSViTModelOutput, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.classifier(outputs.last_hidden_state[:, 0])
+
+    def _per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.config.problem_type == "regression" or self.num_labels == 1:
+            return ((logits.view(len(labels), -1) - labels.view(len(labels), -1).float()) ** 2).mean(-1)
+        if self.config.problem_type == "multi_label_classification" or labels.is_floating_point():
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1)
+        return F.cross_entropy(logits, labels, reduction="none")
 
 
 class MSViTLinearDecoder(nn.Module):
@@ -796,8 +950,7 @@ class MSViTMaskTransformerDecoder(nn.Module):
         class_embeddings = self.class_embeddings.expand(batch_size, -1, -1).to(hidden_states.dtype)
         hidden_states = torch.cat([self.input_projection(hidden_states), class_embeddings], dim=1)
         key_cells = torch.cat([cell_counts, cell_counts.new_ones(batch_size, num_labels)], dim=1)
-        attention_mask = torch.log(key_cells.to(hidden_states.dtype))[:, None, None, :]
-        attention_mask = attention_mask.expand(-1, 1, length + num_labels, -1)
+        attention_mask = attention_key_bias(key_cells, hidden_states.dtype, length + num_labels)
         for layer in self.layers:
             hidden_states, _ = layer(hidden_states, attention_mask)
         hidden_states = self.layernorm(hidden_states)
@@ -867,20 +1020,16 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        config = self.config
-        coarse_grid = tuple(side // config.coarse_patch_size for side in pixel_values.shape[-2:])
-        # CLS takes no part in the dense prediction
-        token_index, token_mask = outputs.token_index[:, 1:], outputs.token_mask[:, 1:]
-        num_coarse = coarse_grid[0] * coarse_grid[1]
-        cell_counts = token_cell_counts(token_index, token_mask, num_coarse, config.scale_ratio)
-        token_logits = self.decode_head(outputs.last_hidden_state[:, 1:], cell_counts)
-        logits = tokens_to_grid(token_logits, token_index, token_mask, coarse_grid, config.scale_ratio)
+        logits = self._task_logits(outputs, pixel_values)
 
-        loss = None
+        loss, gate_loss = None, outputs.gate_loss
         if labels is not None:
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(upsampled, labels, ignore_index=config.semantic_loss_ignore_index)
-            loss = self._with_gate_loss(loss, outputs.gate_loss)
+            loss = F.cross_entropy(upsampled, labels, ignore_index=self.config.semantic_loss_ignore_index)
+            gate_loss = self._training_gate_loss(
+                pixel_values, labels, outputs, logits, split_mask, interpolate_pos_encoding
+            )
+            loss = self._with_gate_loss(loss, gate_loss)
         output = MSViTSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
@@ -888,10 +1037,29 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
             attentions=outputs.attentions,
             split_mask=outputs.split_mask,
             split_probs=outputs.split_probs,
+            split_logits=outputs.split_logits,
             token_counts=outputs.token_counts,
-            gate_loss=outputs.gate_loss,
+            gate_loss=gate_loss,
         )
         return output if return_dict else output.to_tuple()
+
+    def _task_logits(self, outputs: MSViTModelOutput, pixel_values: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        coarse_grid = tuple(side // config.coarse_patch_size for side in pixel_values.shape[-2:])
+        # CLS takes no part in the dense prediction
+        token_index, token_mask = outputs.token_index[:, 1:], outputs.token_mask[:, 1:]
+        num_coarse = coarse_grid[0] * coarse_grid[1]
+        cell_counts = token_cell_counts(token_index, token_mask, num_coarse, config.scale_ratio)
+        token_logits = self.decode_head(outputs.last_hidden_state[:, 1:], cell_counts)
+        return tokens_to_grid(token_logits, token_index, token_mask, coarse_grid, config.scale_ratio)
+
+    def _per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over each image's labelled pixels."""
+        ignore_index = self.config.semantic_loss_ignore_index
+        upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        pixel_losses = F.cross_entropy(upsampled, labels, ignore_index=ignore_index, reduction="none")
+        labelled = (labels != ignore_index).flatten(1).sum(-1).clamp_min(1)
+        return pixel_losses.flatten(1).sum(-1) / labelled
 
     def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
         if not isinstance(pixel_values, torch.Tensor):

@@ -11,6 +11,10 @@ from transformers import ViTConfig  # noqa: E402
 from modeling_msvit import MSViTConfig  # noqa: E402
 
 
+# the paper's gate objective (Gumbel-sigmoid, straight-through estimator, compute-budget loss)
+STRAIGHT_THROUGH = {"gate_objective": "straight_through"}
+
+
 def tiny_config(**overrides) -> MSViTConfig:
     """32 px images, fine patch 4, coarse patch 8: a 4x4 coarse grid (Nc = 16) over an 8x8 fine grid (Nf = 64)."""
     fields = dict(

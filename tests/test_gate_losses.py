@@ -12,7 +12,7 @@ from modeling_msvit.gate_losses import (
     generalized_batch_shaping_loss,
     relaxed_bernoulli_cdf,
 )
-from tests.conftest import tiny_config
+from tests.conftest import STRAIGHT_THROUGH, tiny_config
 
 
 def inverse_relaxed_bernoulli_cdf(q: torch.Tensor, mean: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_losses_vanish_when_the_batch_matches_the_prior_and_grow_otherwise():
 
 @pytest.mark.parametrize("loss_type", ["gbas", "bas", "ratio"])
 def test_gradients_are_finite_at_exactly_zero_and_one(loss_type):
-    criterion = MSViTGateLoss(tiny_config(gate_loss_type=loss_type))
+    criterion = MSViTGateLoss(tiny_config(gate_loss_type=loss_type, **STRAIGHT_THROUGH))
     split_soft = torch.tensor([[0.0, 1.0] * 8, [1.0, 0.0] * 8, [0.5] * 16], requires_grad=True)
     loss = criterion(split_soft)
     loss.backward()
@@ -84,7 +84,9 @@ def test_gradients_are_finite_at_exactly_zero_and_one(loss_type):
 
 
 def test_gbas_total_is_data_plus_hyperprior_plus_temperature_terms():
-    config = tiny_config(target_fine_ratio=0.25, gbas_hyperprior_weight=2.0, gbas_temperature_weight=0.1)
+    config = tiny_config(
+        target_fine_ratio=0.25, gbas_hyperprior_weight=2.0, gbas_temperature_weight=0.1, **STRAIGHT_THROUGH
+    )
     model = MSViTForImageClassification(config)
     criterion = model.msvit.gate_criterion
     # initialised at the target, with the configured prior temperature and hyperprior std
@@ -102,7 +104,7 @@ def test_gbas_total_is_data_plus_hyperprior_plus_temperature_terms():
 
 
 def test_gbas_priors_learn_in_training_and_are_saved(tmp_path, pixel_values):
-    model = MSViTForImageClassification(tiny_config(gbas_hyperprior_learnable=True)).train()
+    model = MSViTForImageClassification(tiny_config(gbas_hyperprior_learnable=True, **STRAIGHT_THROUGH)).train()
     criterion = model.msvit.gate_criterion
     with torch.no_grad():  # spread the means: at init they all sit at the hyperprior's median, where its std is moot
         criterion.prior_mean_logits.add_(torch.linspace(-1, 1, 16))
@@ -116,7 +118,7 @@ def test_gbas_priors_learn_in_training_and_are_saved(tmp_path, pixel_values):
 
 
 def test_gbas_needs_the_configured_grid():
-    criterion = MSViTGateLoss(tiny_config())
+    criterion = MSViTGateLoss(tiny_config(**STRAIGHT_THROUGH))
     with pytest.raises(ValueError, match="one prior per coarse position"):
         criterion(torch.rand(4, 24))
     assert math.isfinite(MSViTGateLoss(tiny_config(gate_loss_type="bas"))(torch.rand(4, 24)).item())

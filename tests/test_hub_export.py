@@ -34,7 +34,8 @@ with torch.no_grad():
     logits = model(pixel_values).logits[0]
 classifier = pipeline("image-classification", model=folder, trust_remote_code=True, top_k=None)
 scores = {row["label"]: row["score"] for row in classifier(image)}
-torch.save({"logits": logits, "pixel_values": pixel_values, "scores": scores}, out)
+settings = {name: getattr(model.config, name) for name in ("size_aware_attention", "gate_type", "gate_objective")}
+torch.save({"logits": logits, "pixel_values": pixel_values, "scores": scores, "settings": settings}, out)
 """
 
 
@@ -91,6 +92,7 @@ def check_remote_matches(model, folder, photo, tmp_path):
         logits = model(local_pixels).logits[0]
     # bit-identical in-process (see test_modeling_msvit); across processes CPU kernels may round differently
     torch.testing.assert_close(remote["logits"], logits, rtol=0, atol=1e-6)
+    assert remote["settings"] == {name: getattr(model.config, name) for name in remote["settings"]}
     probabilities = logits.softmax(-1)
     for index, label in model.config.id2label.items():
         assert abs(remote["scores"][label] - probabilities[index].item()) <= 1e-6
@@ -115,6 +117,15 @@ def test_plain_save_pretrained_already_loads_with_remote_code(tmp_path, model, p
     assert {*MODELING_FILES} <= {path.name for path in folder.iterdir()}
     assert set(json.loads((folder / "config.json").read_text())["auto_map"]) == FULL_AUTO_MAP
     check_remote_matches(model, folder, photo, tmp_path)
+
+
+@pytest.mark.parametrize("settings", [dict(size_aware_attention=False), dict(gate_type="entropy")])
+def test_remote_code_keeps_attention_and_gate_settings(tmp_path, photo, settings):
+    labels = {i: f"class-{i}" for i in range(5)}
+    config = tiny_config(id2label=labels, label2id={name: i for i, name in labels.items()}, **settings)
+    model = MSViTForImageClassification(config).eval()
+    model.set_budget(fine_ratio=0.5)
+    check_remote_matches(model, export_hub_folder(model, tmp_path / "hub"), photo, tmp_path)
 
 
 def test_model_card_carries_the_model_index(tmp_path, model):

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModel, AutoModelForImageClassification
 
 from modeling_msvit import MSViTForImageClassification, MSViTModel
-from tests.conftest import tiny_config, tiny_vit_config
+from tests.conftest import STRAIGHT_THROUGH, tiny_config, tiny_vit_config
 
 
 NUM_COARSE, RATIO = 16, 2  # tiny config: 4x4 coarse grid, 2x2 fine children per region
@@ -122,7 +122,9 @@ def test_attention_weights_ignore_inactive_and_padded_tokens(pixel_values):
 
 @pytest.mark.parametrize("token_path", ["masked", "gathered"])
 def test_gate_receives_task_gradient_through_the_straight_through_estimator(pixel_values, token_path):
-    model = MSViTForImageClassification(tiny_config(gate_loss_weight=0.0, train_token_path=token_path)).train()
+    model = MSViTForImageClassification(
+        tiny_config(gate_loss_weight=0.0, train_token_path=token_path, **STRAIGHT_THROUGH)
+    ).train()
     outputs = model(pixel_values, labels=torch.arange(8) % 5)
     assert outputs.gate_loss is not None
     outputs.loss.backward()
@@ -132,7 +134,9 @@ def test_gate_receives_task_gradient_through_the_straight_through_estimator(pixe
 
 
 def test_loss_is_cross_entropy_plus_weighted_ratio_loss(pixel_values):
-    config = tiny_config(gate_loss_type="ratio", gate_loss_weight=0.5, target_fine_ratio=0.25, gate_temperature=0.5)
+    config = tiny_config(
+        gate_loss_type="ratio", gate_loss_weight=0.5, target_fine_ratio=0.25, gate_temperature=0.5, **STRAIGHT_THROUGH
+    )
     model = MSViTForImageClassification(config).train()
     labels = torch.arange(8) % 5
     torch.manual_seed(3)
@@ -154,7 +158,7 @@ def test_loss_is_cross_entropy_plus_weighted_ratio_loss(pixel_values):
 
 
 def test_training_decisions_are_hard_and_vary_with_the_gumbel_noise(pixel_values):
-    model = MSViTModel(tiny_config()).train()
+    model = MSViTModel(tiny_config(**STRAIGHT_THROUGH)).train()
     first, second = model(pixel_values), model(pixel_values)
     assert first.split_mask.dtype == torch.bool and not torch.equal(first.split_mask, second.split_mask)
     assert first.last_hidden_state.shape[1] == 1 + NUM_COARSE + NUM_COARSE * RATIO**2  # masked path by default
@@ -289,8 +293,10 @@ def _tiny_vit():
 
 
 def test_masked_softmax_path_equals_key_mask_forward_and_reaches_inactive_tokens(pixel_values):
-    key_mask = MSViTForImageClassification(tiny_config(gate_loss_weight=0.0)).eval()
-    soft = MSViTForImageClassification(tiny_config(gate_loss_weight=0.0, masked_path_attention="masked_softmax"))
+    key_mask = MSViTForImageClassification(tiny_config(gate_loss_weight=0.0, **STRAIGHT_THROUGH)).eval()
+    soft = MSViTForImageClassification(
+        tiny_config(gate_loss_weight=0.0, masked_path_attention="masked_softmax", **STRAIGHT_THROUGH)
+    )
     soft.load_state_dict(key_mask.state_dict())
     soft.eval()
     split_mask = random_split_masks(8)

@@ -10,7 +10,7 @@ from transformers import AutoModelForSemanticSegmentation, ViTModel
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation, MSViTModel
 from modeling_msvit.macs_msvit import encoder_macs
 from modeling_msvit.mixed_scale_tokens import gathered_token_index, token_cell_counts, tokens_to_grid
-from tests.conftest import tiny_config, tiny_vit_config
+from tests.conftest import STRAIGHT_THROUGH, tiny_config, tiny_vit_config
 
 
 LABELS = {"id2label": {0: "background", 1: "a", 2: "b", 3: "c"}, "label2id": {"background": 0, "a": 1, "b": 2, "c": 3}}
@@ -156,7 +156,7 @@ def test_loss_is_cross_entropy_of_upsampled_logits_ignoring_255():
 
 
 def test_training_loss_includes_gate_loss_and_reaches_the_gate():
-    config = segmentation_config(gate_loss_weight=0.5)
+    config = segmentation_config(gate_loss_weight=0.5, **STRAIGHT_THROUGH)
     model = MSViTForSemanticSegmentation(config).train()
     labels = torch.randint(0, 4, (4, 32, 32))
     outputs = model(torch.randn(4, 3, 32, 32), labels=labels)

@@ -1,5 +1,7 @@
 """`transformers.Trainer` fine-tunes MSViT with plain `TrainingArguments` and no custom code, and keeps the gate's
-compute budget: the model's loss (cross-entropy + `gate_loss_weight` x gBaS) is what the Trainer optimises.
+compute budget: the model's loss (cross-entropy + `gate_loss_weight` x gBaS, the paper's straight-through
+objective) is what the Trainer optimises. (The counterfactual objective's Trainer test is
+`test_counterfactual_trainer.py`.)
 
 The data is an `imagefolder` written here: 32x32 images of a textured square at a random place, red for one class and
 blue for the other, loaded through `train.data` and scored by `train.metrics`.
@@ -84,6 +86,7 @@ def start_dir(data, tmp_path_factory):
         num_attention_heads=2,
         intermediate_size=64,
         gate_hidden_size=16,
+        gate_objective="straight_through",
         gate_loss_type="gbas",
         target_fine_ratio=START_FINE_RATIO,
         num_labels=len(labels),

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
 from train.data import load_classification_splits
 from train.evaluation import interleaved_images_per_second, processed_pixel_values
+from train.gate_training import content_regions
 from train.msvit_recipe import budget_args, gate_training_args, msvit_stage_args
 from train.reporting import gate_maps
 from train.run_classification import main as run_classification
@@ -40,8 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--backbone_epochs", type=int, default=12, help="Epochs of every model trained from scratch.")
     add("--gate_epochs", type=int, default=2, help="Epochs of gate training on the frozen backbone.")
     add("--finetune_epochs", type=int, default=2, help="Epochs of the shared fine-tuning on the backbone.")
-    add("--gate_loss_type", default="ratio", choices=("gbas", "bas", "ratio"), help="Gate loss of the MSViT rows.")
-    add("--gate_loss_weight", type=float, default=20.0, help="Gate loss weight of the MSViT rows.")
+    add(
+        "--gate_loss_type",
+        default="ratio",
+        choices=("gbas", "bas", "ratio"),
+        help="Budget loss of the straight-through MSViT rows.",
+    )
+    add("--gate_loss_weight", type=float, default=20.0, help="Budget loss weight of the straight-through rows.")
     add("--max_train_samples", type=int, default=20000, help="Training images (a fixed random subset of the 55k).")
     add("--max_eval_samples", type=int, help="Evaluate on subsets (smoke tests).")
     add("--hidden_size", type=int, default=96, help="Width of every model.")
@@ -58,10 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
     """Name -> run_classification arguments, in dependency order.
 
-    Every model on the shared backbone gets `finetune_epochs` of backbone fine-tuning. An MSViT spends the first
-    half of them on random splits at its budget (`adapt-*`: a backbone trained on fine tokens only is not yet used to
-    coarse ones, so the gate could not learn which regions matter), then trains its gate on that frozen backbone
-    (`gate-*`) and fine-tunes everything for the second half (`msvit-*`). Gated models are evaluated with the
+    Every model on the shared backbone gets `finetune_epochs` of backbone fine-tuning. An MSViT first trains its
+    gate on the frozen backbone (`gate-*`, counterfactual objective; `gate-*-straight-through` for the paper's
+    objective), then fine-tunes everything with the gate's decisions (`msvit-*`). Gated models are evaluated with the
     fixed budget (`--fine_ratio_budget`), so that every row at a ratio has exactly the same token count.
     """
     out = Path(args.output_dir)
@@ -70,8 +75,7 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
     backbone = ["--stage", "backbone", *from_scratch]
     finetune = ["--learning_rate", "2e-4", "--num_train_epochs", str(args.finetune_epochs)]
     forced = ["--stage", "joint", "--model_name_or_path", model("vit-p8"), "--train_token_path", "gathered"]
-    half = max(args.finetune_epochs // 2, 1)
-    epochs = {"adapt": half, "gate": args.gate_epochs, "joint": half}
+    epochs = {"gate": args.gate_epochs, "joint": args.finetune_epochs}
     runs = {
         "vit-p8": [*backbone, "--patch_size", "8"],
         "vit-p16": [*backbone, "--patch_size", "16"],
@@ -80,39 +84,37 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
         "all-coarse": [*forced, "--split_policy", "all_coarse", *finetune],
     }  # fmt: skip
 
-    def gated(name: str, ratio: float, stage_extra: dict[str, list[str]] | None = None) -> None:
-        """adapt-* -> gate-* -> msvit-* at `ratio`; variants with an adapt extra get their own adapt run."""
+    def gated(
+        name: str, ratio: float, stage_extra: dict[str, list[str]] | None = None, objective: str = "counterfactual"
+    ) -> None:
+        """gate-* -> msvit-* at `ratio`."""
         suffix = f"{ratio}-{name}" if name else f"{ratio}"
-        adapt = f"adapt-{suffix}" if stage_extra and "adapt" in stage_extra else f"adapt-{ratio}"
-        folders = {"adapt": str(out / adapt), "gate": str(out / f"gate-{suffix}")}
+        folders = {"gate": str(out / f"gate-{suffix}")}
         stages = msvit_stage_args(
-            model("vit-p8"), folders, ratio, epochs, args.gate_loss_type, args.gate_loss_weight, stage_extra
+            model("vit-p8"), folders, ratio, epochs, objective, args.gate_loss_type, args.gate_loss_weight, stage_extra
         )
-        runs.setdefault(adapt, stages["adapt"])
         runs[f"gate-{suffix}"] = stages["gate"]
         runs[f"msvit-{suffix}"] = stages["joint"]
 
     for ratio in RATIOS:
         gated("", ratio)
+        gated("straight-through", ratio, objective="straight_through")
         for policy in ("random", "centre"):
             runs[f"{policy}-{ratio}"] = [*forced, "--split_policy", policy, *budget_args(ratio), *finetune]
-    ablations = {
+    straight_through_ablations = {
         "gbas": ["--gate_loss_type", "gbas"],
         "bas": ["--gate_loss_type", "bas"],
         "ratio-loss": ["--gate_loss_type", "ratio"],
         "key-mask": ["--masked_path_attention", "key_mask"],
         "gathered-training": ["--train_token_path", "gathered"],
     }
-    for name, extra in ablations.items():
+    for name, extra in straight_through_ablations.items():
         if extra[:2] != ["--gate_loss_type", args.gate_loss_type]:
-            gated(name, 0.5, {"gate": extra})
-    for ratio in (0.25, 0.75):  # the training path that gave the better gate at 0.5, at the other budgets
-        gated("gathered-training", ratio, {"gate": ablations["gathered-training"]})
-    gated("separate-coarse", 0.5, {"adapt": ["--separate_coarse_embedding"]})
+            gated(f"straight-through-{name}", 0.5, {"gate": extra}, objective="straight_through")
+    gated("separate-coarse", 0.5, {"gate": ["--separate_coarse_embedding"]})
     for ratio in (0.5, *RATIOS):  # 0.5 first: the from-scratch runs are the longest
         runs[f"scratch-{ratio}"] = [
-            "--stage", "scratch", *from_scratch, "--patch_size", "8", *budget_args(ratio),
-            *gate_training_args(args.gate_loss_type, args.gate_loss_weight),
+            "--stage", "scratch", *from_scratch, "--patch_size", "8", *budget_args(ratio), *gate_training_args(),
         ]  # fmt: skip
     return runs
 
@@ -134,9 +136,7 @@ def split_rates_on_content(model, pixel_values: torch.Tensor, batch_size: int = 
     """How often the gate splits regions that contain part of the item vs empty (all-background) regions.
 
     On a translated canvas the background is the darkest value; a region holds content when any pixel is brighter."""
-    coarse = model.config.coarse_patch_size
-    content = pixel_values.unfold(2, coarse, coarse).unfold(3, coarse, coarse).amax((1, 4, 5)).flatten(1)
-    content = content > pixel_values.amin()
+    content = content_regions(pixel_values, model.config.coarse_patch_size)
     splits = torch.cat(
         [model(pixel_values[i : i + batch_size]).split_mask for i in range(0, len(pixel_values), batch_size)]
     )

@@ -1,32 +1,42 @@
-"""The MSViT recipe on a trained ViT, as `train/run_classification.py` arguments of its three stages.
+"""The MSViT recipe on a trained ViT, as `train/run_classification.py` (or `run_segmentation.py`) arguments.
 
-1. `adapt`: fine-tune the ViT (converted to MSViT) with **random** splits at the target fine ratio (on the gathered
-   path: with forced decisions there is no gate to reach, so only the active tokens are computed). A backbone trained
-   on fine tokens alone has never seen a coarse token: on it, every mix of coarse and fine tokens is equally out of
-   distribution, so a gate trained there learns nothing about which regions matter.
-2. `gate`: freeze that backbone and train the gate with the compute-budget loss. The DynamicViT masked softmax lets the
-   task loss reach the gate through both alternatives of a region; the budget loss needs a large weight (here 20):
-   it is averaged over all `B x N_c` regions while the task loss is averaged over `B` images, and the task loss
-   alone prefers splitting every region.
-3. `joint`: fine-tune everything with the gate's own decisions.
+1. `gate`: convert the ViT with `from_vit` (size-aware attention on, so the frozen backbone already reads mixed
+   layouts correctly), freeze it, and train the gate. The default objective is the counterfactual one: the gate's
+   logit regresses the measured loss drop of splitting each flipped region (one extra no-grad forward per step, no
+   backward pass through the backbone). The paper's straight-through objective (`objective="straight_through"`) trains
+   on the masked path with the DynamicViT masked softmax and the ratio budget loss at weight 20.
+2. `joint`: fine-tune everything with the gate's own decisions.
+
+An `adapt` stage (fine-tuning the converted ViT on random splits before the gate) is kept as an option,
+`epochs["adapt"] > 0`: it made up for the missing size-aware attention bias, and the gate study measures whether it
+still pays (`train/gate_study.py`).
 
 Evaluation uses the fixed budget (`--fine_ratio_budget`): every image gets exactly `round(ratio * N_c)` split regions,
 the ones with the highest gate logits.
 """
 
-LEARNING_RATES = {"adapt": "2e-4", "gate": "1e-3", "joint": "2e-4"}
+OBJECTIVES = ("counterfactual", "straight_through")
+LEARNING_RATES = {"adapt": "2e-4", "joint": "2e-4", "counterfactual": "1e-2", "straight_through": "1e-3"}
 
 
 def budget_args(ratio: float) -> list[str]:
-    """Aim the gate loss at `ratio` and evaluate with exactly that fraction of regions split."""
+    """Aim the gate at `ratio` and evaluate with exactly that fraction of regions split."""
     return ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
 
 
-def gate_training_args(gate_loss_type: str = "ratio", gate_loss_weight: float = 20.0) -> list[str]:
-    """How a learned gate trains: masked path with the masked softmax, and the weighted budget loss."""
+def gate_training_args(
+    objective: str = "counterfactual", gate_loss_type: str = "ratio", gate_loss_weight: float = 20.0
+) -> list[str]:
+    """How a learned gate trains: counterfactual region flips on the gathered path, or the paper's straight-through
+    estimator on the masked path with the masked softmax and the weighted budget loss."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown gate objective {objective!r}; choose from {OBJECTIVES}.")
+    if objective == "counterfactual":
+        return ["--gate_objective", "counterfactual", "--train_token_path", "gathered"]
     return [
-        "--gate_loss_type", gate_loss_type, "--gate_loss_weight", str(gate_loss_weight),
-        "--train_token_path", "masked", "--masked_path_attention", "masked_softmax",
+        "--gate_objective", "straight_through", "--gate_loss_type", gate_loss_type,
+        "--gate_loss_weight", str(gate_loss_weight), "--train_token_path", "masked",
+        "--masked_path_attention", "masked_softmax",
     ]  # fmt: skip
 
 
@@ -35,20 +45,30 @@ def msvit_stage_args(
     folders: dict[str, str],
     ratio: float,
     epochs: dict[str, int],
+    objective: str = "counterfactual",
     gate_loss_type: str = "ratio",
     gate_loss_weight: float = 20.0,
     stage_extra: dict[str, list[str]] | None = None,
 ) -> dict[str, list[str]]:
-    """Stage name (`adapt`, `gate`, `joint`) -> arguments, for output folders `folders[stage]`.
+    """Stage name (`adapt` when `epochs["adapt"] > 0`, `gate`, `joint`) -> arguments, for output folders
+    `folders[stage]`.
 
     `backbone` is a ViT folder; each stage starts from `<folders[previous stage]>/model`. `stage_extra` appends
     arguments to a stage (ablations)."""
-    sources = {"adapt": backbone, "gate": f"{folders['adapt']}/model", "joint": f"{folders['gate']}/model"}
+    adapt = epochs.get("adapt", 0) > 0
     stage_args = {
         "adapt": ["--stage", "joint", "--split_policy", "random", "--train_token_path", "gathered"],
-        "gate": ["--stage", "gate", *gate_training_args(gate_loss_type, gate_loss_weight)],
+        "gate": ["--stage", "gate", *gate_training_args(objective, gate_loss_type, gate_loss_weight)],
         "joint": ["--stage", "joint"],
     }  # fmt: skip
+    if not adapt:
+        del stage_args["adapt"]
+    sources = {
+        "adapt": backbone,
+        "gate": f"{folders['adapt']}/model" if adapt else backbone,
+        "joint": f"{folders['gate']}/model",
+    }
+    learning_rates = {**LEARNING_RATES, "gate": LEARNING_RATES[objective]}
     return {
         stage: [
             *args,
@@ -56,7 +76,7 @@ def msvit_stage_args(
             sources[stage],
             *budget_args(ratio),
             "--learning_rate",
-            LEARNING_RATES[stage],
+            learning_rates[stage],
             "--num_train_epochs",
             str(epochs[stage]),
             *(stage_extra or {}).get(stage, []),

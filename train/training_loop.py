@@ -34,6 +34,11 @@ from train.split_policies import SPLIT_POLICIES
 
 MSVIT_OVERRIDES = (
     "target_fine_ratio",
+    "gate_type",
+    "gate_objective",
+    "counterfactual_flips",
+    "counterfactual_target_scale",
+    "counterfactual_layouts",
     "gate_loss_type",
     "gate_loss_weight",
     "gate_temperature",
@@ -76,7 +81,29 @@ def add_msvit_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("MSViT gate and budget")
     add = group.add_argument
     add("--target_fine_ratio", type=float, help="MSViT: fraction of regions the gate loss aims to split.")
-    add("--gate_loss_type", choices=("gbas", "bas", "ratio"), help="MSViT: compute-budget loss.")
+    add(
+        "--gate_type",
+        choices=("learned", "entropy", "std"),
+        help="MSViT: the learned gate, or a training-free rule on the region's pixels (entropy, std).",
+    )
+    add(
+        "--gate_objective",
+        choices=("counterfactual", "straight_through"),
+        help="MSViT: how the gate learns: counterfactual region flips, or the paper's straight-through + budget loss.",
+    )
+    add("--counterfactual_flips", type=int, help="MSViT counterfactual objective: regions flipped per image.")
+    add("--counterfactual_target_scale", type=float, help="MSViT counterfactual objective: logit = scale x loss drop.")
+    add(
+        "--counterfactual_layouts",
+        choices=("gate", "uniform"),
+        help="MSViT counterfactual objective: training layouts from the gate (+ Gumbel noise) or uniformly random.",
+    )
+    add(
+        "--no_size_aware_attention",
+        action="store_true",
+        help="MSViT ablation: no log(r^2) attention bias on coarse keys (the behaviour of models saved before it).",
+    )
+    add("--gate_loss_type", choices=("gbas", "bas", "ratio"), help="MSViT straight-through objective: budget loss.")
     add("--gate_loss_weight", type=float, help="MSViT: weight of the gate loss.")
     add("--train_token_path", choices=("masked", "gathered"), help="MSViT: execution path in training.")
     add(
@@ -160,6 +187,8 @@ def msvit_overrides(args: argparse.Namespace) -> dict:
     overrides = {name: getattr(args, name) for name in MSVIT_OVERRIDES if getattr(args, name) is not None}
     if args.separate_coarse_embedding:
         overrides["separate_coarse_embedding"] = True
+    if args.no_size_aware_attention:
+        overrides["size_aware_attention"] = False
     return overrides
 
 

@@ -1,0 +1,183 @@
+"""The counterfactual gate objective and the training-free gates."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modeling_msvit.modeling_msvit as modeling
+from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation
+from modeling_msvit.gate_losses import flipped_layouts, sample_training_layouts, split_loss_drop
+from modeling_msvit.macs_msvit import mlp_macs
+from modeling_msvit.modeling_msvit import MSViTGate
+from tests.conftest import tiny_config, tiny_vit_config
+
+
+NUM_COARSE = 16
+
+
+# counterfactual objective: pure functions --------------------------------------------------------------------
+
+
+def test_flipped_layouts_and_loss_drops_by_hand():
+    split_mask = torch.tensor([[True, False, False], [False, False, True]])
+    flips = torch.tensor([[0, 1], [2, 0]])
+    expected = torch.tensor([[False, False, False], [True, True, False], [False, False, False], [True, False, True]])
+    assert torch.equal(flipped_layouts(split_mask, flips), expected)
+    layout_losses = torch.tensor([1.0, 2.0])
+    flipped_losses = torch.tensor([[1.5, 0.25], [2.5, 1.0]])
+    # image 0: region 0 was split (kept costs 1.5, split 1.0: drop 0.5); region 1 was kept (1.0 - 0.25 = 0.75)
+    # image 1: region 2 was split (2.5 - 2.0 = 0.5); region 0 was kept (2.0 - 1.0 = 1.0)
+    drops = split_loss_drop(split_mask, flips, layout_losses, flipped_losses)
+    torch.testing.assert_close(drops, torch.tensor([[0.5, 0.75], [0.5, 1.0]]))
+
+
+@pytest.mark.parametrize("mode", ["gate", "uniform"])
+def test_training_layouts_split_a_random_number_of_regions(mode):
+    torch.manual_seed(0)
+    logits = torch.linspace(-200, 200, NUM_COARSE).expand(512, -1).clone().requires_grad_()
+    layouts = sample_training_layouts(logits, mode)
+    assert layouts.dtype == torch.bool and not layouts.requires_grad
+    counts = layouts.sum(1)
+    assert counts.min() == 0 and counts.max() == NUM_COARSE and 6 < counts.float().mean() < 10
+    if mode == "gate":  # logits 27 apart dominate the Gumbel noise: the highest are split first
+        for layout in layouts[:64]:
+            assert torch.equal(layout, torch.arange(NUM_COARSE) >= NUM_COARSE - layout.sum())
+
+
+# counterfactual objective: in the model ----------------------------------------------------------------------
+
+
+def record_flips(monkeypatch) -> list[torch.Tensor]:
+    recorded = []
+    original = modeling.sample_flips
+
+    def sample_flips(*args, **kwargs):
+        recorded.append(original(*args, **kwargs))
+        return recorded[-1]
+
+    monkeypatch.setattr(modeling, "sample_flips", sample_flips)
+    return recorded
+
+
+@pytest.mark.parametrize("token_path", ["masked", "gathered"])
+@pytest.mark.parametrize("num_flips", [1, 3])
+def test_gate_loss_regresses_the_measured_loss_drop_of_each_flip(monkeypatch, pixel_values, token_path, num_flips):
+    config = tiny_config(train_token_path=token_path, counterfactual_flips=num_flips, gate_loss_weight=0.5)
+    model = MSViTForImageClassification(config).train()
+    labels = torch.arange(8) % 5
+    flips = record_flips(monkeypatch)
+    outputs = model(pixel_values, labels=labels)
+    (flips,) = flips
+    assert flips.shape == (8, num_flips)
+
+    model.eval()
+    with torch.no_grad():
+
+        def losses(split_mask):
+            logits = model(pixel_values.repeat_interleave(len(split_mask) // 8, 0), split_mask=split_mask).logits
+            return F.cross_entropy(logits, labels.repeat_interleave(len(split_mask) // 8), reduction="none")
+
+        layout = outputs.split_mask
+        flipped = losses(flipped_layouts(layout, flips)).view(8, num_flips)
+        drop = split_loss_drop(layout, flips, losses(layout), flipped)
+        logits = model.msvit(pixel_values, split_mask=layout).split_logits.gather(1, flips)
+    expected = ((logits - 10.0 * drop) ** 2).mean()
+    torch.testing.assert_close(outputs.gate_loss, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        outputs.loss, F.cross_entropy(outputs.logits, labels) + 0.5 * expected, atol=1e-4, rtol=0
+    )
+    assert drop.abs().max() > 0  # the flips changed the loss
+
+
+def test_gate_gradient_comes_from_the_regression_and_forced_decisions_have_none(pixel_values):
+    model = MSViTForImageClassification(tiny_config()).train()
+    labels = torch.arange(8) % 5
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = ".gate." in name
+    model(pixel_values, labels=labels).loss.backward()
+    for parameter in model.msvit.embeddings.gate.parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    forced = model(pixel_values, labels=labels, split_mask=torch.ones(8, NUM_COARSE, dtype=torch.bool))
+    assert forced.gate_loss is None
+    model.eval()  # inference: the task loss alone
+    outputs = model(pixel_values, labels=labels)
+    assert outputs.gate_loss is None
+    torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
+
+
+def test_segmentation_regresses_per_image_loss_drops(monkeypatch):
+    model = MSViTForSemanticSegmentation(tiny_config(num_labels=4, counterfactual_flips=2)).train()
+    pixel_values, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
+    labels[0, :8] = 255
+    flips = record_flips(monkeypatch)
+    outputs = model(pixel_values, labels=labels)
+    (flips,) = flips
+    model.eval()
+    with torch.no_grad():
+
+        def losses(split_mask):
+            repeat = len(split_mask) // 3
+            logits = model(pixel_values.repeat_interleave(repeat, 0), split_mask=split_mask).logits
+            return torch.stack(
+                [
+                    F.cross_entropy(
+                        F.interpolate(logit[None], size=(32, 32), mode="bilinear", align_corners=False),
+                        label[None],
+                        ignore_index=255,
+                    )
+                    for logit, label in zip(logits, labels.repeat_interleave(repeat, 0))
+                ]
+            )
+
+        layout = outputs.split_mask
+        drop = split_loss_drop(layout, flips, losses(layout), losses(flipped_layouts(layout, flips)).view(3, 2))
+        logits = model.msvit(pixel_values, split_mask=layout).split_logits.gather(1, flips)
+    torch.testing.assert_close(outputs.gate_loss, ((logits - 10.0 * drop) ** 2).mean(), rtol=1e-4, atol=1e-5)
+
+
+# training-free gates ---------------------------------------------------------------------------------------------
+
+
+def test_rule_gates_score_regions_by_their_own_pixels():
+    # region 0 constant, region 1 half -1 / half +1 (two of 32 bins), region 2 spread over 4 bins equally
+    pixel_values = torch.zeros(1, 3, 32, 32)
+    pixel_values[..., :8, 8:16] = torch.tensor([-1.0, 1.0]).repeat(4)[None, None, None, :]
+    pixel_values[..., :8, 16:24] = torch.tensor([-0.99, -0.49, 0.01, 0.51]).repeat(2)[None, None, None, :]
+    expected = {
+        "entropy": torch.tensor([0.0, 2.0 / 5.0 * 0.5, 2.0 / 5.0]),  # log 2 / log 32, log 4 / log 32
+        "std": torch.tanh(torch.tensor([0.0, 1.0, torch.tensor([-0.99, -0.49, 0.01, 0.51]).std(unbiased=False)])),
+    }
+    for rule, probabilities in expected.items():
+        model = MSViTForImageClassification(tiny_config(gate_type=rule)).eval()
+        assert not any(".gate." in name for name, _ in model.named_parameters())
+        split_probs = model(pixel_values).split_probs[0, :3]
+        torch.testing.assert_close(split_probs, probabilities.clamp_min(1e-6), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["entropy", "std"])
+def test_any_vit_becomes_a_budgeted_msvit_without_training(tmp_path, rule):
+    from transformers import ViTForImageClassification
+
+    vit = ViTForImageClassification(tiny_vit_config()).eval()
+    model = MSViTForImageClassification.from_vit(vit, gate_type=rule, fine_ratio_budget=0.5).eval()
+    # uniform noise whose spread grows from the left to the right of the image (within the entropy bins' range)
+    spread = torch.linspace(0.05, 1.9, 32)[None, None, None, :]
+    pixel_values = (torch.rand(4, 3, 32, 32) - 0.5) * spread
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    assert outputs.split_mask.sum(1).tolist() == [8] * 4
+    by_column = outputs.split_mask.view(4, 4, 4)  # (image, coarse row, coarse column)
+    assert by_column[..., 2:].all() and not by_column[..., :2].any()  # the high-contrast half
+    # MACs: the rule reads every value of each region once, instead of the MLP
+    macs = model.compute_macs(outputs.token_counts)
+    learned = MSViTForImageClassification.from_vit(vit)
+    mlp = mlp_macs(MSViTGate.layer_sizes(learned.config))
+    assert (learned.compute_macs(outputs.token_counts) - macs).tolist() == [16 * mlp - 16 * 3 * 8 * 8] * 4
+
+    model.save_pretrained(tmp_path)
+    reloaded = MSViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.gate_type == rule
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values).logits, outputs.logits)
+        exported = torch.export.export(model, (pixel_values,))
+        torch.testing.assert_close(exported.module()(pixel_values).logits, outputs.logits)
