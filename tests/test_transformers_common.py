@@ -273,7 +273,8 @@ class MSViTModelTester:
             result.last_hidden_state.shape,
             (self.batch_size, self.expected_seq_length(model, result), self.hidden_size),
         )
-        self.parent.assertIsNotNone(result.gate_loss)
+        # the straight-through budget loss needs no labels; the counterfactual objective's loss is the heads' (labels)
+        self.parent.assertEqual(result.gate_loss is None, config.gate_objective == "counterfactual")
 
     def expected_seq_length(self, model, outputs) -> int:
         """Masked path (training default): every candidate. Gathered path: padded to the longest image of the batch."""
@@ -286,6 +287,9 @@ class MSViTModelTester:
         result = model(pixel_values, labels=labels)
         self.parent.assertEqual(result.logits.shape, (self.batch_size, self.num_labels))
         self.parent.assertEqual(result.loss.shape, ())
+        model.train()
+        self.parent.assertIsNotNone(model(pixel_values, labels=labels).gate_loss)
+        model.eval()
 
         # greyscale images
         config.num_channels = 1

@@ -4,7 +4,8 @@ Stages (`--stage`):
 - `backbone`: a plain transformers `ViTForImageClassification` from scratch (or from `--model_name_or_path`) at one
   patch size: the base model for MSViT at the fine patch size, and the fixed-scale baselines.
 - `gate`: convert a ViT folder with `MSViTForImageClassification.from_vit`, freeze the backbone, and train the gate
-  and its gBaS priors with cross-entropy + gate loss.
+  with its objective (`--gate_objective`: counterfactual region flips by default, or the paper's straight-through
+  estimator with a budget loss, whose gBaS priors then train too).
 - `joint`: fine-tune a whole MSViT (or a converted ViT) at a low learning rate.
 - `scratch`: an MSViT trained end to end from random weights.
 `--split_policy random|centre|all_coarse|all_fine` replaces the gate's decisions (baselines).
@@ -12,7 +13,7 @@ Stages (`--stage`):
     python -m train.run_classification --stage backbone --dataset translated_fashion_mnist --patch_size 8 \
         --output_dir outputs/vit-fine
     python -m train.run_classification --stage gate --model_name_or_path outputs/vit-fine/model \
-        --dataset translated_fashion_mnist --target_fine_ratio 0.5 --output_dir outputs/msvit-gate
+        --dataset translated_fashion_mnist --learning_rate 1e-2 --fine_ratio_budget 0.5 --output_dir outputs/msvit-gate
     accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m train.run_classification ...
 
 Writes to `--output_dir`: `metrics.jsonl` (one JSON object per log step and evaluation), `checkpoints/step_N/`
