@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from train.evaluation import processed_pixel_values
 from train.split_policies import forced_split_mask
 from train.training_loop import freeze_all_but_gate
 
@@ -81,6 +82,17 @@ def train_on_tensors(
                 progress.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
+
+
+def split_tensors(splits, image_processor, num_channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every split of a classification `DatasetDict` as `(pixel_values (N, C, H, W), labels (N,))`, processed once."""
+    return {
+        name: (
+            processed_pixel_values(split, image_processor, num_channels),
+            torch.as_tensor(split.with_format("numpy")["label"][:]),
+        )
+        for name, split in splits.items()
+    }
 
 
 def content_regions(pixel_values: torch.Tensor, coarse_patch_size: int) -> torch.Tensor:

@@ -30,9 +30,9 @@ from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.macs_msvit import vit_macs_for_config
 from tools.export import export_hub_folder
 from train.data import load_classification_splits
-from train.evaluation import interleaved_images_per_second, processed_pixel_values
+from train.evaluation import interleaved_images_per_second
 from train.gate_study import COUNTERFACTUAL, LEARNING_RATES, STRAIGHT_THROUGH
-from train.gate_training import GateTrainingArguments, evaluate_split_policy, train_on_tensors
+from train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
 from train.reporting import gate_maps
 from train.run_classification import main as run_classification
 from train.split_policies import forced_split_mask
@@ -94,13 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     splits = load_classification_splits(
         DATASET, seed=args.seed, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
     )
-    data = {
-        name: (
-            processed_pixel_values(splits[name], processor, vit.config.num_channels),
-            torch.as_tensor(splits[name].with_format("numpy")["label"][:]),
-        )
-        for name in ("train", "validation", "test")
-    }
+    data = split_tensors(splits, processor, vit.config.num_channels)
 
     def converted(**overrides) -> MSViTForImageClassification:
         torch.manual_seed(args.seed)  # the gate's initial weights
