@@ -554,7 +554,9 @@ class MSViTPreTrainedModel(PreTrainedModel):
                 logits. Every image then has the same token count, known before the forward pass: the static path
                 of `torch.compile(fullgraph=True)`, `torch.export` and ONNX.
             threshold: split every region whose split probability exceeds it; token counts vary per image and the
-                batch is padded to its longest image. Clears a fine-ratio budget.
+                batch is padded to its longest image. Clears a fine-ratio budget. For a gate trained with the
+                counterfactual objective this splits the regions whose predicted loss drop exceeds
+                `logit(threshold) / config.counterfactual_target_scale` nats.
 
         Both are stored in the config (`fine_ratio_budget`, `gate_threshold`), so they are saved with the model.
         Training ignores them: the gate samples its decisions.

@@ -99,6 +99,17 @@ def compute_summary(model: MSViTPreTrainedModel) -> dict:
     }
 
 
+def gate_description(config) -> str:
+    """What scores the regions and how it was trained, in words."""
+    if config.gate_type != "learned":
+        return f"training-free rule: the region's pixel {config.gate_type}"
+    objective = {"counterfactual": "counterfactual region flips", "straight_through": "straight-through + budget loss"}
+    return (
+        f"{config.gate_num_layers}-layer MLP on {config.gate_input.replace('_', ' ')}, "
+        f"trained with {objective[config.gate_objective]}"
+    )
+
+
 def render_model_card(
     model: MSViTPreTrainedModel,
     *,
@@ -121,6 +132,8 @@ def render_model_card(
         "model_index": index_yaml,
         "children": config.scale_ratio**2,
         "image_size": config.image_size,
+        "gate": gate_description(config),
+        "attention": "size-aware (log r² added to coarse keys' scores)" if config.size_aware_attention else "plain",
         **{
             name: getattr(config, name)
             for name in (
@@ -130,8 +143,6 @@ def render_model_card(
                 "intermediate_size",
                 "patch_size",
                 "coarse_patch_size",
-                "gate_num_layers",
-                "gate_input",
                 "gate_threshold",
                 "decoder_type",
                 "num_labels",
