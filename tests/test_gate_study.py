@@ -45,15 +45,19 @@ def test_gate_study_runs_resumes_and_rewrites_the_readme(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{README_START}\nold\n{README_END}\nafter\n")
     arguments = ["--backbone", str(backbone), "--output_dir", str(tmp_path / "study"), "--seeds", "0", "--ratios",
-                 "0.5", "--max_train_samples", "64", "--max_eval_samples", "32", "--ablations", "false",
+                 "0.5", "--max_train_samples", "64", "--max_eval_samples", "32",
                  "--readme", str(readme)]  # fmt: skip
     rows = main(arguments)
     fixed = {"all_fine", "all_coarse", "content"}
     at_ratio = {"random", "centre", "entropy", "std", "counterfactual", "straight_through"}
-    assert {row["kind"] for row in rows.values()} == fixed | at_ratio
-    assert len(rows) == 2 * (len(fixed) + len(at_ratio))  # size-aware attention on and off
+    ablations = {f"counterfactual ({name})" for name in ("flips=4", "target_scale=1", "layouts=uniform")}
+    extra = {"all_fine, fine-tuned", "adapt + counterfactual"}
+    assert {row["kind"] for row in rows.values()} == fixed | at_ratio | ablations | extra
+    assert len(rows) == 2 * (len(fixed) + len(at_ratio)) + len(ablations) + len(extra)  # size-aware on and off
     for row in rows.values():
-        expected_tokens = {"all_fine": 65, "all_coarse": 17}.get(row["kind"], 1 + 16 + 3 * 8)
+        expected_tokens = {"all_fine": 65, "all_fine, fine-tuned": 65, "all_coarse": 17}.get(
+            row["kind"], 1 + 16 + 3 * 8
+        )
         if row["kind"] != "content":
             assert row["test"]["tokens"] == expected_tokens
     # the rule gates have no weights: size-aware attention changes their accuracy, not their choices

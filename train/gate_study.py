@@ -11,7 +11,10 @@ converted with `from_vit(vit, coarse_patch_size=16)` and never trained again. On
 - the training-free gates (`gate_type="entropy"`, `"std"`);
 - learned gates, for every seed: the counterfactual objective (trained once, evaluated at every ratio) and the
   paper's straight-through objective with today's recipe (masked softmax, ratio loss x 20, trained per ratio);
-- counterfactual ablations at size-aware attention on: flips per image, target scale, layout sampling.
+- counterfactual ablations at size-aware attention on: flips per image, target scale, layout sampling;
+- whether the old recipe's adapt stage still pays (seed 0): one epoch of fine-tuning on random splits at fine ratio
+  0.5 before the counterfactual gate, against one epoch of fine-tuning with every region split (the same fine-tuning,
+  given to the full-token model).
 
 Each row gives validation and test top-1, GMACs, tokens, fine ratio and how often the policy splits regions that
 hold the item and empty ones. `results.json` is written after every row (a rerun skips finished rows), then
@@ -64,7 +67,7 @@ class GateStudyArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on subsets (smoke tests)."})
     epochs: int = field(default=1, metadata={"help": "Epochs of every gate."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the validation split and the training subset."})
-    ablations: bool = field(default=True, metadata={"help": "Also run the counterfactual ablations."})
+    ablations: bool = field(default=True, metadata={"help": "Also run the counterfactual and adapt ablations."})
     readme: str | None = field(default=None, metadata={"help": "Rewrite this README's gate-study table."})
 
 
@@ -138,10 +141,37 @@ class GateStudy:
             for ablation, overrides in ABLATIONS.items():
                 for seed in args.seeds:
                     self.learned("counterfactual", True, seed, [0.5], ablation=ablation, **overrides)
+            self.adapt_rows(seed=args.seeds[0])
         table = summary_table(self.rows)
         (self.output_dir / "table.md").write_text(table)
         if args.readme:
             replace_section(Path(args.readme), README_START, README_END, table)
+
+    def adapt_rows(self, seed: int) -> None:
+        """One epoch of backbone fine-tuning (learning rate 2e-4): on random splits at 0.5 and then the counterfactual
+        gate (the old adapt stage), or with every region split (the full-token control)."""
+        finetune = GateTrainingArguments(2e-4, epochs=self.args.epochs, seed=seed)
+        name = f"all_fine, fine-tuned|size_aware=True|seed={seed}"
+        if name not in self.rows:
+            torch.manual_seed(seed)
+            model = self.model(True)
+            train_on_tensors(model, *self.data["train"], finetune, gate_only=False, split_policy="all_fine")
+            self.record(name, model, kind="all_fine, fine-tuned", policy="all_fine", seed=seed, size_aware=True)
+        names = {
+            ratio: f"adapt + counterfactual|size_aware=True|ratio={ratio}|seed={seed}" for ratio in self.args.ratios
+        }
+        if all(name in self.rows for name in names.values()):
+            return
+        torch.manual_seed(seed)  # the same initial gate as the counterfactual rows of this seed
+        adapted = self.model(True, **COUNTERFACTUAL)
+        # forced decisions: the gate gets no gradient while the backbone adapts to random splits
+        train_on_tensors(
+            adapted, *self.data["train"], finetune, gate_only=False, split_policy="random", fine_ratio=0.5
+        )
+        training = GateTrainingArguments(LEARNING_RATES["counterfactual"], epochs=self.args.epochs, seed=seed)
+        train_on_tensors(adapted, *self.data["train"], training, description="counterfactual gate after adapt")
+        for ratio, name in names.items():
+            self.record(name, adapted, kind="adapt + counterfactual", ratio=ratio, seed=seed, size_aware=True)
 
     def learned(
         self, objective: str, size_aware: bool, seed: int, ratios: list[float], ablation: str = "", **overrides
