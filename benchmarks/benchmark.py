@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """The MSViT preset and ViT/16 and ViT/32 classifiers of the same width, depth and head, random weights."""
     torch.manual_seed(args.seed)
-    config = load_preset(args.preset, image_size=args.image_size, num_labels=1000)
+    # built for the straight-through objective, whose gBaS priors the training section's straight-through steps need;
+    # the counterfactual step switches the objective (speed does not depend on which the model was built for)
+    config = load_preset(args.preset, image_size=args.image_size, num_labels=1000, gate_objective="straight_through")
     # every ViT field of the preset (the 1,000-label head included) except the patch size
     vit_fields = {name: getattr(config, name) for name in VIT_CONFIG_FIELDS if name != "patch_size"}
     models = {
@@ -268,20 +270,31 @@ def bench_training(args, models, timer: Timer) -> list[dict]:
     generator = torch.Generator().manual_seed(args.seed)
     pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator).to(args.device)
     labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(args.device)
+    # (model, forward arguments, masked-path attention, gate objective): the paper's straight-through objective on
+    # each path, and the counterfactual objective (its one extra no-grad forward of the flipped layouts included)
     variants = {
-        "vit16": (models["vit16"], {}, None),
-        "masked (key mask)": (msvit, {"token_path": "masked"}, "key_mask"),
-        "masked (masked softmax)": (msvit, {"token_path": "masked"}, "masked_softmax"),
-        "gathered": (msvit, {"token_path": "gathered"}, None),
+        "vit16": (models["vit16"], {}, None, None),
+        "masked (key mask)": (msvit, {"token_path": "masked"}, "key_mask", "straight_through"),
+        "masked (masked softmax)": (msvit, {"token_path": "masked"}, "masked_softmax", "straight_through"),
+        "gathered": (msvit, {"token_path": "gathered"}, None, "straight_through"),
+        "counterfactual (gathered, 1 flip)": (msvit, {"token_path": "gathered"}, None, "counterfactual"),
     }
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-6) for name, (model, _, _) in variants.items()}
+    optimizers = {name: torch.optim.AdamW(variant[0].parameters(), lr=1e-6) for name, variant in variants.items()}
     runners = {}
-    for name, (model, kwargs, masked_attention) in variants.items():
+    for name, (model, kwargs, masked_attention, objective) in variants.items():
 
-        def step(model=model, kwargs=kwargs, masked_attention=masked_attention, optimizer=optimizers[name]):
+        def step(
+            model=model,
+            kwargs=kwargs,
+            masked_attention=masked_attention,
+            objective=objective,
+            optimizer=optimizers[name],
+        ):
             model.train()
             if masked_attention is not None:
                 model.config.masked_path_attention = masked_attention
+            if objective is not None:
+                model.config.gate_objective = objective
             loss = model(pixel_values, labels=labels, **kwargs).loss
             loss.backward()
             optimizer.step()

@@ -1,6 +1,7 @@
 # Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
 """PyTorch MSViT: Dynamic Mixed-Scale Tokenization for Vision Transformers (Havtorn et al., ICCVW 2023)."""
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -438,6 +440,39 @@ def _is_additive(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point()
 
 
+def flex_attention_with_key_bias(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """flex_attention with size-aware attention's additive mask, read as one bias per key.
+
+    The mask is the same for every query (`attention_key_bias`), so the score modification reads a `(B, L)` bias
+    with one index. Compiled for static shapes: torch's CPU flex template fails to build a captured bias under
+    dynamic shapes (and transformers' wrapper reads a 4D mask by chained indexing, which its CPU compiler
+    miscompiles).
+    """
+    if dropout > 0:
+        raise ValueError("flex_attention does not support attention dropout; use it at inference or set it to 0.")
+    key_bias = attention_mask[:, 0, 0, : key.shape[-2]]
+
+    def score_mod(score, batch_index, head_index, query_index, key_index):
+        return score + key_bias[batch_index, key_index]
+
+    attn_output = _static_flex_attention()(query, key, value, score_mod=score_mod, scale=scaling)
+    return attn_output.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _static_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class MSViTAttention(nn.Module):
     def __init__(self, config: MSViTConfig):
         super().__init__()
@@ -466,10 +501,7 @@ class MSViTAttention(nn.Module):
         if kwargs.get("key_weights") is not None:
             attention_interface = masked_softmax_attention_forward
         elif self.config._attn_implementation == "flex_attention" and _is_additive(attention_mask):
-            # flex_attention reads an additive mask by chained indexing, which torch's CPU compiler miscompiles; the
-            # same bias as `position_bias` is read with one index
-            kwargs["position_bias"] = attention_mask.expand(-1, query_states.shape[1], -1, -1)
-            attention_mask = None
+            attention_interface = flex_attention_with_key_bias
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

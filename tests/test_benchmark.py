@@ -52,6 +52,7 @@ def test_records_token_counts_and_mac_ratios_of_every_forced_fine_ratio(run):
         "masked (key mask)",
         "masked (masked softmax)",
         "gathered",
+        "counterfactual (gathered, 1 flip)",
     ]
     assert results["machine"]["threads"] >= 1 and results["protocol"]["repeats"] == 1
 
