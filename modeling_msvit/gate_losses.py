@@ -110,10 +110,9 @@ def sample_flips(batch_size: int, num_coarse: int, num_flips: int, device=None) 
 
 def flipped_layouts(split_mask: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """`(B * K, Nc)` layouts: image `b`'s layout with region `flips[b, k]` flipped, in `(b, k)` order."""
-    num_flips = flips.shape[1]
     flip = torch.zeros(*flips.shape, split_mask.shape[1], dtype=torch.bool, device=split_mask.device)
     flip.scatter_(2, flips[..., None], True)
-    return (split_mask[:, None, :] ^ flip).flatten(0, 1) if num_flips else split_mask[:0]
+    return (split_mask[:, None, :] ^ flip).flatten(0, 1)
 
 
 def split_loss_drop(

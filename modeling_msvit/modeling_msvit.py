@@ -350,16 +350,14 @@ class MSViTEmbeddings(nn.Module):
         token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
         token_index = torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1)
         size_aware = self.config.size_aware_attention
-        # fine cells each key stands for: raises a coarse key's scores by log r**2 (size-aware attention)
-        key_sizes = token_sizes(token_index, num_coarse, self.ratio) if size_aware else None
         key_weights = None
         if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":
             # DynamicViT-style: the straight-through values weight the keys inside the softmax, so the gate also
             # hears from the alternative it did not choose (inactive tokens keep their values)
             mask_values = candidate_mask_values(split_values, self.ratio)
             key_weights = torch.cat([mask_values.new_ones(batch_size, 1), mask_values], dim=1)
-            if size_aware:
-                key_weights = key_weights * key_sizes
+            if size_aware:  # a coarse key counts as the r**2 cells it covers
+                key_weights = key_weights * token_sizes(token_index, num_coarse, self.ratio)
         elif split_values.requires_grad:
             tokens = tokens * candidate_mask_values(split_values, self.ratio).gather(1, index)[..., None]
 
@@ -375,7 +373,8 @@ class MSViTEmbeddings(nn.Module):
             else:
                 padded, has_coarse = bool(~valid.all()), bool(~split_mask.all())  # host syncs
             if size_aware and (padded or has_coarse):
-                key_cells = torch.where(token_mask, key_sizes, 0)
+                # log(cells) on every key: log r**2 raises a coarse key's scores, masked keys get -inf
+                key_cells = torch.where(token_mask, token_sizes(token_index, num_coarse, self.ratio), 0)
                 attention_mask = attention_key_bias(key_cells, embeddings.dtype, embeddings.shape[1])
             elif padded:
                 attention_mask = token_mask

@@ -15,8 +15,21 @@ Evaluation uses the fixed budget (`--fine_ratio_budget`): every image gets exact
 the ones with the highest gate logits.
 """
 
-OBJECTIVES = ("counterfactual", "straight_through")
-LEARNING_RATES = {"adapt": "2e-4", "joint": "2e-4", "counterfactual": "1e-2", "straight_through": "1e-3"}
+# How a learned gate trains under each objective, as MSViT config fields: counterfactual region flips on the gathered
+# path, or the paper's straight-through estimator on the masked path with the masked softmax and the weighted budget
+# loss. `gate_study.py` and the demo build models from these; the scripts get them as flags (`gate_training_args`).
+GATE_RECIPES = {
+    "counterfactual": dict(gate_objective="counterfactual", train_token_path="gathered"),
+    "straight_through": dict(
+        gate_objective="straight_through",
+        gate_loss_type="ratio",
+        gate_loss_weight=20.0,
+        train_token_path="masked",
+        masked_path_attention="masked_softmax",
+    ),
+}
+GATE_LEARNING_RATES = {"counterfactual": 1e-2, "straight_through": 1e-3}
+LEARNING_RATES = {"adapt": "2e-4", "joint": "2e-4"}
 
 
 def budget_args(ratio: float) -> list[str]:
@@ -27,17 +40,14 @@ def budget_args(ratio: float) -> list[str]:
 def gate_training_args(
     objective: str = "counterfactual", gate_loss_type: str = "ratio", gate_loss_weight: float = 20.0
 ) -> list[str]:
-    """How a learned gate trains: counterfactual region flips on the gathered path, or the paper's straight-through
-    estimator on the masked path with the masked softmax and the weighted budget loss."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"Unknown gate objective {objective!r}; choose from {OBJECTIVES}.")
-    if objective == "counterfactual":
-        return ["--gate_objective", "counterfactual", "--train_token_path", "gathered"]
-    return [
-        "--gate_objective", "straight_through", "--gate_loss_type", gate_loss_type,
-        "--gate_loss_weight", str(gate_loss_weight), "--train_token_path", "masked",
-        "--masked_path_attention", "masked_softmax",
-    ]  # fmt: skip
+    """`GATE_RECIPES[objective]` as training-script flags; the budget loss's type and weight apply to the
+    straight-through objective."""
+    if objective not in GATE_RECIPES:
+        raise ValueError(f"Unknown gate objective {objective!r}; choose from {tuple(GATE_RECIPES)}.")
+    recipe = dict(GATE_RECIPES[objective])
+    if objective == "straight_through":
+        recipe.update(gate_loss_type=gate_loss_type, gate_loss_weight=gate_loss_weight)
+    return [argument for name, value in recipe.items() for argument in (f"--{name}", str(value))]
 
 
 def msvit_stage_args(
@@ -68,7 +78,7 @@ def msvit_stage_args(
         "gate": f"{folders['adapt']}/model" if adapt else backbone,
         "joint": f"{folders['gate']}/model",
     }
-    learning_rates = {**LEARNING_RATES, "gate": LEARNING_RATES[objective]}
+    learning_rates = {**LEARNING_RATES, "gate": str(GATE_LEARNING_RATES[objective])}
     return {
         stage: [
             *args,

@@ -31,8 +31,8 @@ from modeling_msvit.macs_msvit import vit_macs_for_config
 from tools.export import export_hub_folder
 from train.data import load_classification_splits
 from train.evaluation import interleaved_images_per_second
-from train.gate_study import COUNTERFACTUAL, LEARNING_RATES, STRAIGHT_THROUGH
 from train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
+from train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES
 from train.reporting import gate_maps
 from train.run_classification import main as run_classification
 from train.split_policies import forced_split_mask
@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     ratio = args.fine_ratio
     gate_epochs = args.gate_epochs
-    straight_through = converted(**STRAIGHT_THROUGH)
-    counterfactual = converted(**COUNTERFACTUAL)
-    trained("straight-through gate", straight_through, LEARNING_RATES["straight_through"], gate_epochs)
-    trained("counterfactual gate", counterfactual, LEARNING_RATES["counterfactual"], gate_epochs)
+    straight_through = converted(**GATE_RECIPES["straight_through"])
+    counterfactual = converted(**GATE_RECIPES["counterfactual"])
+    trained("straight-through gate", straight_through, GATE_LEARNING_RATES["straight_through"], gate_epochs)
+    trained("counterfactual gate", counterfactual, GATE_LEARNING_RATES["counterfactual"], gate_epochs)
     # name -> (model, split policy)
     frozen = {
         "all fine": (converted(), "all_fine"),
