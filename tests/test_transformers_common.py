@@ -185,7 +185,9 @@ class MSViTModelTester:
         gate_num_layers=4,
         num_labels=3,
         initializer_range=0.02,
-        attn_implementation="eager",
+        # None, as in transformers' testers: the default backend (SDPA) both at construction and in `from_pretrained`,
+        # so save/load compares like with like; tests that need attention weights ask for eager themselves
+        attn_implementation=None,
         **config_overrides,
     ):
         self.parent = parent
@@ -436,7 +438,9 @@ class MSViTModelTest(ModelTesterMixin, unittest.TestCase):
                     self.assertTrue(torch.equal(tuple_value, dict_value))
 
         for model_class in self.all_model_classes:
-            model = model_class(copy.deepcopy(config)).to(torch_device).eval()
+            # eager: SDPA returns no attention weights
+            model = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").to(torch_device)
+            model.eval()
             for return_labels in (False, True):
                 inputs = self._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
                 for kwargs in ({}, {"output_hidden_states": True}, {"output_attentions": True}):
