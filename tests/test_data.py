@@ -12,6 +12,9 @@ import torch
 from transformers import ViTImageProcessorPil
 
 from train.data import (
+    CLUTTER_FRAGMENT_SIZE,
+    CLUTTER_FRAGMENTS,
+    CLUTTER_SEEDS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
@@ -19,6 +22,7 @@ from train.data import (
     IDX_LABELS_MAGIC,
     PLACEMENT_SEEDS,
     FashionMNISTNotFoundError,
+    add_clutter,
     class_names,
     collate_fn,
     image_column_of,
@@ -253,6 +257,44 @@ def test_translated_splits_use_fixed_placement_seeds(tiny_dir):
     full_canvases = {row["bytes"] for row in splits["test"].cast_column("image", stored)["image"]}
     subset_canvases = [row["bytes"] for row in reseeded["test"].cast_column("image", stored)["image"]]
     assert len(subset_canvases) == 20 and all(canvas in full_canvases for canvas in subset_canvases)
+
+
+def canvases_of(dataset: datasets.Dataset) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in dataset["image"]])
+
+
+def test_clutter_adds_fragments_of_other_items_and_keeps_the_item(tiny_dir):
+    translated = translate_to_canvas(load_fashion_mnist("test", data_dir=tiny_dir), seed=2)
+    cluttered = add_clutter(translated, seed=7)
+    assert cluttered.column_names == translated.column_names
+    assert cluttered["top"] == translated["top"] and cluttered["label"] == translated["label"]
+    clean, noisy = canvases_of(translated), canvases_of(cluttered)
+    assert (noisy >= clean).all()  # pasted with a maximum: the item is never darkened
+    block_values = 1 + (np.arange(len(clean)) + 100) % 255  # tiny_images(offset=100): item i's block value
+    for index in range(0, len(clean), 13):
+        added = noisy[index][noisy[index] != clean[index]]
+        fragments = set(added.tolist())
+        # every added pixel comes from another item's block, at most one item per fragment
+        assert 0 < len(fragments) <= CLUTTER_FRAGMENTS
+        assert fragments <= set(block_values.tolist()) - {int(block_values[index])}
+        assert len(added) <= CLUTTER_FRAGMENTS * CLUTTER_FRAGMENT_SIZE**2
+    again = add_clutter(translated, seed=7)
+    np.testing.assert_array_equal(canvases_of(again), noisy)
+    assert not np.array_equal(canvases_of(add_clutter(translated, seed=8)), noisy)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        add_clutter(translated.select([0]), seed=0)
+
+
+def test_cluttered_splits_are_the_translated_canvases_with_seeded_clutter(tiny_dir):
+    assert len(set(CLUTTER_SEEDS.values())) == 3
+    clean = load_classification_splits("translated_fashion_mnist", data_dir=tiny_dir, validation_size=100)
+    cluttered = load_classification_splits(
+        "cluttered_translated_fashion_mnist", data_dir=tiny_dir, validation_size=100
+    )
+    for split in ("train", "validation", "test"):
+        assert cluttered[split]["top"] == clean[split]["top"]
+        expected = add_clutter(clean[split], seed=CLUTTER_SEEDS[split])
+        np.testing.assert_array_equal(canvases_of(cluttered[split]), canvases_of(expected))
 
 
 # ----------------------------------------------------------------------------------------------------------------

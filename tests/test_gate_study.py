@@ -1,13 +1,16 @@
-"""The gate study driver end to end at a tiny size, and the split-policy evaluation it is built on."""
+"""The gate study driver end to end at a tiny size, and the split-policy evaluation and training layouts it is
+built on."""
 
 import json
 
+import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTForImageClassification
 from tests.test_train_classification import needs_data
-from train.gate_training import content_regions, evaluate_split_policy
+from train.gate_training import content_regions, evaluate_split_policy, forced_layouts
+from train.split_policies import centre_prior_order, policy_scores, uniform_density_split_mask
 
 
 def test_content_regions_and_split_rates_by_hand(config):
@@ -29,12 +32,118 @@ def test_content_regions_and_split_rates_by_hand(config):
     assert measured["tokens"] == 1 + 16 + 3 * 4
     assert model.config.fine_ratio_budget is None and model.config.gate_threshold == 0.3  # the saved knob is restored
 
+    # with the item's regions given, other content is clutter; the oracle splits the item's regions only
+    item = torch.zeros(2, 16, dtype=torch.bool)
+    item[0, 0] = True
+    measured = evaluate_split_policy(model, pixel_values, labels, policy="content", item_regions=item)
+    assert measured["split_rate_content"] == 1.0 and measured["split_rate_clutter"] == 0.0
+    assert measured["tokens"] == (1 + 16 + 3 + 1 + 16) / 2
+    measured = evaluate_split_policy(model, pixel_values, labels, policy="all_fine", item_regions=item)
+    assert measured["split_rate_clutter"] == 1.0 and measured["split_rate_empty"] == 1.0
+    assert "split_rate_clutter" not in evaluate_split_policy(model, pixel_values, labels, policy="all_fine")
+    # a threshold above every split probability splits nothing; below every one, everything
+    probabilities = model(pixel_values).split_probs
+    high = (probabilities.max().item() + 1) / 2
+    assert evaluate_split_policy(model, pixel_values, labels, threshold=high)["tokens"] == 17
+    low = probabilities.min().item() / 2
+    assert evaluate_split_policy(model, pixel_values, labels, threshold=low)["tokens"] == 65
+
+
+def test_uniform_density_layouts_follow_the_policy_order(config):
+    torch.manual_seed(0)
+    scores = torch.randn(4000, 16)
+    layouts = uniform_density_split_mask(scores)
+    counts = layouts.sum(1)
+    assert set(counts.tolist()) == set(range(17))  # every density from all coarse to all fine
+    assert abs(counts.float().mean().item() - 8) < 0.3
+    # the k split regions are the k highest-scoring ones
+    rank = scores.argsort(1, descending=True).argsort(1)
+    assert torch.equal(layouts, rank < counts[:, None])
+
+    centre = policy_scores("centre", 3, (4, 4))
+    assert torch.equal(centre.argsort(1, descending=True)[0], centre_prior_order((4, 4)))
+    random = policy_scores("random", 2, (4, 4), torch.Generator().manual_seed(0))
+    assert random.shape == (2, 16) and not torch.equal(random[0], random[1])
+    with pytest.raises(ValueError, match="random"):
+        policy_scores("all_fine", 2, (4, 4))
+
+    # a rule gate's own ranking: its highest-entropy regions are split first
+    model = MSViTForImageClassification(config.__class__(**{**config.to_dict(), "gate_type": "entropy"}))
+    pixel_values = torch.rand(64, 3, 32, 32) * 2 - 1
+    layouts = forced_layouts(model, pixel_values, "gate", None, uniform_density=True)
+    logits = model(pixel_values, split_mask=layouts).split_logits
+    kept, split = logits.masked_fill(layouts, -1e9).amax(1), logits.masked_fill(~layouts, 1e9).amin(1)
+    both = layouts.any(1) & ~layouts.all(1)
+    assert (split[both] >= kept[both]).all()
+
 
 @needs_data
 def test_gate_study_runs_resumes_and_rewrites_the_readme(tmp_path):
     from train.gate_study import README_END, README_START, main
 
     torch.set_num_threads(1)
+    backbone = tiny_backbone(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{README_START}\nold\n{README_END}\nafter\n")
+    arguments = ["--backbone", str(backbone), "--output_dir", str(tmp_path / "study"), "--seeds", "0", "1",
+                 "--ratios", "0.5", "--thresholds", "0.01", "--max_train_samples", "64", "--gate_train_samples", "32",
+                 "--max_eval_samples", "32", "--timing_images", "32", "--timing_repeats", "1",
+                 "--readme", str(readme)]  # fmt: skip
+    rows = main(arguments)
+    kinds = {(row["kind"], row["tuning"], row["budget"]) for row in rows.values()}
+    frozen = {"all_fine", "all_coarse", "content", "random", "centre", "entropy", "counterfactual", "straight_through"}
+    ablations = {
+        "counterfactual (size-aware attention off)", "counterfactual (flips=4)", "counterfactual (target_scale=1)",
+        "counterfactual (layouts=uniform)", "straight_through (gBaS)", "straight_through (BaS)",
+    }  # fmt: skip
+    finetuned = frozen - {"content"}
+    assert {kind for kind, tuning, _ in kinds if tuning == "frozen"} == frozen | ablations
+    assert {kind for kind, tuning, _ in kinds if tuning == "fine-tuned"} == finetuned
+    thresholds = {(kind, tuning) for kind, tuning, budget in kinds if budget == "threshold"}
+    assert thresholds == {("counterfactual", "frozen"), ("entropy", "frozen"), ("counterfactual", "fine-tuned")}
+    # seeded rows twice, deterministic ones once
+    assert len([name for name in rows if name.startswith("counterfactual|fine-tuned|ratio=0.5")]) == 2
+    assert len([name for name in rows if name.startswith("centre|frozen")]) == 1
+    for name, row in rows.items():
+        expected_tokens = {"all_fine": 65, "all_coarse": 17}.get(row["kind"], 1 + 16 + 3 * 8)
+        if row["budget"] != "threshold" and row["kind"] != "content":
+            assert row["test"]["tokens"] == expected_tokens, name
+    for seed in (0, 1):  # the entropy gate's threshold matches the counterfactual gate's fine ratio on validation
+        reference = rows[f"counterfactual|frozen|threshold=0.01|seed={seed}"]["validation"]["fine_ratio"]
+        matched = rows[f"entropy|frozen|threshold=0.01|seed={seed}"]["validation"]["fine_ratio"]
+        assert abs(matched - reference) <= 0.05
+    text = readme.read_text()
+    assert (
+        "old" not in text and "| counterfactual | frozen | fine ratio 0.5 | 2 |" in text and text.endswith("after\n")
+    )
+
+    saved = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert saved["rows"] == rows and saved["throughput"]["all_fine"] > 0
+    assert (tmp_path / "study" / "gates" / "counterfactual-seed=1.safetensors").is_file()
+    mtime = (tmp_path / "study" / "results.json").stat().st_mtime
+    main(arguments)  # finished rows are not run again
+    assert (tmp_path / "study" / "results.json").stat().st_mtime == mtime
+
+
+@needs_data
+def test_gate_study_on_the_cluttered_bench_reports_clutter(tmp_path):
+    from train.gate_study import main
+
+    torch.set_num_threads(1)
+    rows = main([
+        "--backbone", str(tiny_backbone(tmp_path)), "--output_dir", str(tmp_path / "study"), "--seeds", "0",
+        "--ratios", "0.5", "--dataset", "cluttered_translated_fashion_mnist", "--max_train_samples", "32",
+        "--gate_train_samples", "32", "--max_eval_samples", "32", "--timing_images", "32", "--timing_repeats", "1",
+        "--no_finetune", "--no_ablations",
+    ])  # fmt: skip
+    oracle = rows["content|frozen|-"]["test"]
+    assert oracle["split_rate_content"] == 1.0 and oracle["split_rate_clutter"] == 0.0
+    assert 0.0 < rows["all_fine|frozen|-"]["test"]["split_rate_clutter"] == 1.0
+    assert not any(row["tuning"] == "fine-tuned" for row in rows.values())
+    assert "/ clutter /" in (tmp_path / "study" / "table.md").read_text()
+
+
+def tiny_backbone(tmp_path):
     backbone = tmp_path / "vit"
     vit_config = ViTConfig(
         image_size=64, patch_size=8, num_channels=1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -42,32 +151,4 @@ def test_gate_study_runs_resumes_and_rewrites_the_readme(tmp_path):
     )  # fmt: skip
     ViTForImageClassification(vit_config).save_pretrained(backbone)
     ViTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=0.5, image_std=0.5).save_pretrained(backbone)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{README_START}\nold\n{README_END}\nafter\n")
-    arguments = ["--backbone", str(backbone), "--output_dir", str(tmp_path / "study"), "--seeds", "0", "--ratios",
-                 "0.5", "--max_train_samples", "64", "--max_eval_samples", "32",
-                 "--readme", str(readme)]  # fmt: skip
-    rows = main(arguments)
-    fixed = {"all_fine", "all_coarse", "content"}
-    at_ratio = {"random", "centre", "entropy", "std", "counterfactual", "straight_through"}
-    ablations = {f"counterfactual ({name})" for name in ("flips=4", "target_scale=1", "layouts=uniform")}
-    extra = {"all_fine, fine-tuned", "adapt + counterfactual"}
-    assert {row["kind"] for row in rows.values()} == fixed | at_ratio | ablations | extra
-    assert len(rows) == 2 * (len(fixed) + len(at_ratio)) + len(ablations) + len(extra)  # size-aware on and off
-    for row in rows.values():
-        expected_tokens = {"all_fine": 65, "all_fine, fine-tuned": 65, "all_coarse": 17}.get(
-            row["kind"], 1 + 16 + 3 * 8
-        )
-        if row["kind"] != "content":
-            assert row["test"]["tokens"] == expected_tokens
-    # the rule gates have no weights: size-aware attention changes their accuracy, not their choices
-    on, off = rows["entropy|size_aware=True|ratio=0.5"], rows["entropy|size_aware=False|ratio=0.5"]
-    assert on["test"]["split_rate_content"] == off["test"]["split_rate_content"]
-    text = readme.read_text()
-    assert "old" not in text and "| counterfactual | on | 0.5 | 1 |" in text and text.endswith("after\n")
-
-    saved = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert saved == rows
-    mtime = (tmp_path / "study" / "results.json").stat().st_mtime
-    main(arguments)  # finished rows are not run again
-    assert (tmp_path / "study" / "results.json").stat().st_mtime == mtime
+    return backbone

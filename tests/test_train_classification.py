@@ -153,67 +153,32 @@ def test_pipeline_writes_a_consistent_report(tmp_path):
 
 
 @needs_data
-def test_evidence_runs_resume_and_summarise(tmp_path):
-    from train.evidence import experiments, parse_args
+def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(tmp_path, capsys):
     from train.evidence import main as evidence
 
     torch.set_num_threads(1)
     tiny = ["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "32", "--hidden_size",
-            "32", "--depth", "1", "--heads", "2", "--backbone_epochs", "1", "--gate_epochs", "1", "--finetune_epochs",
-            "1", "--timing_images", "32", "--timing_repeats", "1"]  # fmt: skip
-    names = set(experiments(parse_args(tiny)))
-    assert {"vit-p8", "vit-p16", "vit-p8-32px", "msvit-0.25", "random-0.5", "centre-0.75", "all-coarse"} <= names
-    rows = evidence([*tiny, "--only", "vit-p8", "random-0.25", "all-coarse"])
-    by_name = {row["name"]: row for row in rows}
-    assert set(by_name) == {"vit-p8", "random-0.25", "all-coarse"}
-    assert by_name["random-0.25"]["tokens"] == 1 + 16 + 3 * 4 and by_name["all-coarse"]["tokens"] == 17
-    assert by_name["vit-p8"]["throughput_vs_vit_p8"] == 1.0
-    assert (tmp_path / "table.md").read_text().count("\n| ") == 4 and (tmp_path / "accuracy_vs_gmacs.png").is_file()
-    assert (tmp_path / "learning_curves.png").is_file()
+            "32", "--depth", "1", "--heads", "2", "--backbone_epochs", "1", "--seeds", "0", "--gate_train_samples",
+            "32", "--timing_images", "32", "--timing_repeats", "1"]  # fmt: skip
+    evidence([*tiny, "--only", "vit-p8", "vit-p16", "vit-p8-32px", "shared"])
+    precondition = json.loads((tmp_path / "precondition.json").read_text())
+    accuracy = precondition["test_accuracy"]
+    assert set(accuracy) == {"vit-p8", "vit-p16", "vit-p8-32px"}
+    assert precondition["holds"] == (accuracy["vit-p8"] > max(accuracy["vit-p16"], accuracy["vit-p8-32px"]))
+    printed = capsys.readouterr().out
+    assert "== precondition (test top-1)" in printed
+    assert (tmp_path / "shared").is_dir() == precondition["holds"]
+
+    summary = evidence([*tiny, "--only", "shared", "--ignore_precondition"])
+    assert [row["name"] for row in summary["from_scratch"]] == ["vit-p8", "vit-p16", "vit-p8-32px"]
+    assert summary["from_scratch"][0]["throughput_vs_vit_p8"] == 1.0
+    assert "counterfactual|fine-tuned|ratio=0.5|seed=0" in summary["shared"]["rows"]
+    table = (tmp_path / "table.md").read_text()
+    assert "### Trained from scratch" in table and "### On the shared ViT/8" in table and "cluttered" not in table
+    for plot in ("accuracy_vs_gmacs.png", "learning_curves.png", "gate_maps.png"):
+        assert (tmp_path / plot).is_file()
     mtime = (tmp_path / "vit-p8" / "results.json").stat().st_mtime
     evidence([*tiny, "--only", "vit-p8"])  # finished runs are skipped
     assert (tmp_path / "vit-p8" / "results.json").stat().st_mtime == mtime
-    with pytest.raises(ValueError, match="Unknown experiments"):
+    with pytest.raises(ValueError, match="Unknown steps"):
         evidence([*tiny, "--only", "vit-p4"])
-
-
-def test_split_rates_on_content_count_item_and_empty_regions():
-    from types import SimpleNamespace
-
-    from train.evidence import split_rates_on_content
-
-    pixel_values = torch.full((2, 1, 64, 64), -1.0)  # black canvases, 4x4 regions of 16 px
-    pixel_values[0, :, 2:5, 3:7] = 0.5  # item in region 0
-    pixel_values[1, :, 20:24, 30:34] = 0.2  # item across regions 5 and 6
-    split_mask = torch.zeros(2, 16, dtype=torch.bool)
-    split_mask[0, [0, 1]] = True  # the item's region and an empty one
-    split_mask[1, 5] = True  # one of the item's two regions
-
-    batches = iter(split_mask.split(1))  # batch_size=1: one image per call, in order
-
-    def model(batch):
-        return SimpleNamespace(split_mask=next(batches))
-
-    model.config = SimpleNamespace(coarse_patch_size=16)
-    rates = split_rates_on_content(model, pixel_values, batch_size=1)
-    assert rates == {"split_rate_content": pytest.approx(2 / 3), "split_rate_empty": pytest.approx(1 / 29)}
-
-
-@needs_data
-def test_evidence_gate_maps_stack_one_row_per_model(tmp_path):
-    from PIL import Image
-    from transformers import ViTImageProcessorPil
-
-    from modeling_msvit import MSViTForImageClassification
-    from tests.conftest import tiny_config
-    from train.evidence import gated_maps, parse_args
-
-    for name in ("msvit-0.25", "msvit-0.75"):
-        config = tiny_config(image_size=64, patch_size=8, coarse_patch_size=16, num_channels=1, num_labels=10)
-        MSViTForImageClassification(config).save_pretrained(tmp_path / name / "model")
-        processor = ViTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=0.5, image_std=0.5)
-        processor.save_pretrained(tmp_path / name / "model")
-    gated_maps(["msvit-0.25", "msvit-0.75"], parse_args(["--output_dir", str(tmp_path)]), tmp_path / "maps.png", 3)
-    sheet = Image.open(tmp_path / "maps.png")
-    panel = 4 * 64  # gate maps are drawn at 4x the model's resolution, captioned below
-    assert sheet.width == 3 * panel + 2 * 4 and sheet.height == 2 * (panel + 18)

@@ -11,6 +11,12 @@ each with an `image` column (PIL image) and a `label` column (`datasets.ClassLab
   is pasted at a uniformly random position where it fits on a black 64x64 canvas, with placements drawn from a fixed
   seed per split (`PLACEMENT_SEEDS`), so every model sees the same test set. Extra columns `top` and `left` hold the
   placement.
+- `"cluttered_translated_fashion_mnist"`: Cluttered Translated Fashion-MNIST, a data set composed here after the
+  cluttered translated MNIST of the recurrent-attention paper (Mnih et al. 2014): the translated canvases above (same
+  items, same placements), each also carrying `CLUTTER_FRAGMENTS` fragments of `CLUTTER_FRAGMENT_SIZE` px cut from
+  other items of the same split and dropped at random positions (`add_clutter`; fragments and positions drawn from a
+  fixed seed per split, `CLUTTER_SEEDS`). Clutter looks like item texture, so a region's pixel statistics no longer
+  say whether it holds the item.
 - `"imagefolder:<dir>"`: a local folder read by `datasets`' `imagefolder` builder (one sub-folder per class,
   optionally under `train/`, `validation/`, `test/`); missing validation/test splits are carved out of train.
 - any other string: a Hub data set id (or a local data set folder) loaded with `datasets.load_dataset`, e.g.
@@ -61,6 +67,10 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 # Placement seeds of the translated canvases, one per split and independent of the validation-split seed, so the
 # test canvases are the same for every model and run.
 PLACEMENT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+CLUTTER_SEEDS = {"train": 10, "validation": 11, "test": 12}
+CLUTTER_FRAGMENTS = 6
+CLUTTER_FRAGMENT_SIZE = 12
+TRANSLATED_DATASETS = ("translated_fashion_mnist", "cluttered_translated_fashion_mnist")
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 LABEL_COLUMN_NAMES = ("label", "labels")
 
@@ -306,6 +316,58 @@ def translate_to_canvas(
     )
 
 
+def add_clutter(
+    dataset: datasets.Dataset,
+    seed: int,
+    num_fragments: int = CLUTTER_FRAGMENTS,
+    fragment_size: int = CLUTTER_FRAGMENT_SIZE,
+    item_size: int = 28,
+) -> datasets.Dataset:
+    """Translated canvases (`translate_to_canvas` output, grayscale) with `num_fragments` square fragments of
+    `fragment_size` px each, cut from the items of other canvases of the same data set and pasted at uniformly random
+    positions (pixel-wise maximum, so a fragment over the item brightens it and never darkens it).
+
+    The clutter protocol of Mnih et al. (2014). Every draw comes from `numpy.random.default_rng(seed)`: for each
+    fragment the source canvas (never the canvas itself), the crop inside the source item (kept `(item_size -
+    fragment_size) // 4` px off its edges, where an item is mostly cloth) and the destination. Other columns, `top`
+    and `left` included (the clean item's placement), are kept.
+    """
+    num = len(dataset)
+    if num < 2:
+        raise ValueError(f"Clutter is cut from other canvases: need at least 2 images, got {num}.")
+    stored = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    stored = stored.with_format("arrow")[:]["image"].combine_chunks()
+    canvases = np.stack([_decode_image(data, None) for data in stored.field("bytes").to_pylist()])
+    if canvases.ndim != 3:
+        raise ValueError(f"add_clutter expects grayscale canvases, got arrays of shape {canvases.shape[1:]}.")
+    positions = dataset.with_format("numpy").select_columns(["top", "left"])[:]
+    canvas_size = canvases.shape[1]
+    rng = np.random.default_rng(seed)
+    sources = (np.arange(num)[:, None] + rng.integers(1, num, size=(num, num_fragments))) % num
+    margin = (item_size - fragment_size) // 4
+    crops = rng.integers(margin, item_size - fragment_size - margin + 1, size=(num, num_fragments, 2))
+    destinations = rng.integers(0, canvas_size - fragment_size + 1, size=(num, num_fragments, 2))
+    records, cluttered = _pnm_records(num, canvases.shape[1:])
+    cluttered[:] = canvases
+    images = np.arange(num)[:, None, None]
+    offsets = np.arange(fragment_size)
+    for fragment in range(num_fragments):  # one fragment per canvas at a time: vectorised over canvases
+        source = sources[:, fragment, None, None]
+        rows = (positions["top"][sources[:, fragment]] + crops[:, fragment, 0])[:, None, None] + offsets[:, None]
+        cols = (positions["left"][sources[:, fragment]] + crops[:, fragment, 1])[:, None, None] + offsets
+        to_rows = destinations[:, fragment, 0, None, None] + offsets[:, None]
+        to_cols = destinations[:, fragment, 1, None, None] + offsets
+        window = cluttered[images, to_rows, to_cols]
+        cluttered[images, to_rows, to_cols] = np.maximum(window, canvases[source, rows, cols])
+    rest = dataset.remove_columns(["image"])
+    rest_table = rest.with_format("arrow")[:]
+    columns = {"image": _image_column(records), **{name: rest_table.column(name) for name in rest_table.column_names}}
+    features = datasets.Features({"image": datasets.Image(), **rest.features})
+    return _in_memory_dataset(
+        columns, features, dataset.split, ("add_clutter", dataset._fingerprint, seed, num_fragments, fragment_size)
+    )
+
+
 def train_validation_split(
     dataset: datasets.Dataset,
     validation_size: int | float = 5000,
@@ -434,7 +496,8 @@ def load_classification_splits(
 ) -> datasets.DatasetDict:
     """Splits `train`, `validation`, `test` with columns `image` (PIL) and `label` (`ClassLabel` or int).
 
-    `dataset`: `"fashion_mnist"`, `"translated_fashion_mnist"` (adds `top`, `left`), `"imagefolder:<dir>"` or a
+    `dataset`: `"fashion_mnist"`, `"translated_fashion_mnist"` or `"cluttered_translated_fashion_mnist"` (both add
+    `top`, `left`), `"imagefolder:<dir>"` or a
     Hub id (see the module docstring). `validation_size` rows (or that fraction) are carved from train with `seed`
     when the data set has no validation split (and likewise for a missing test split). `canvas_size` applies to the
     translated data set, `data_dir` to the Fashion-MNIST IDX folder, `cache_dir` to `datasets.load_dataset`.
@@ -442,18 +505,20 @@ def load_classification_splits(
     and test, taken after translation so that a subset's canvases are those of the full split.
     """
     cache_dir = None if cache_dir is None else str(cache_dir)
-    if dataset in ("fashion_mnist", "translated_fashion_mnist"):
+    if dataset in ("fashion_mnist", *TRANSLATED_DATASETS):
         parts = train_validation_split(load_fashion_mnist("train", data_dir), validation_size, seed)
         splits = {
             "train": parts["train"],
             "validation": parts["validation"],
             "test": load_fashion_mnist("test", data_dir),
         }
-        if dataset == "translated_fashion_mnist":
+        if dataset in TRANSLATED_DATASETS:
             splits = {
                 split: translate_to_canvas(part, canvas_size, seed=PLACEMENT_SEEDS[split])
                 for split, part in splits.items()
             }
+        if dataset == "cluttered_translated_fashion_mnist":
+            splits = {split: add_clutter(part, seed=CLUTTER_SEEDS[split]) for split, part in splits.items()}
     elif dataset.startswith("imagefolder:"):
         folder = Path(dataset.removeprefix("imagefolder:")).expanduser()
         if not folder.is_dir():

@@ -1,177 +1,363 @@
-"""Gates on a frozen, pretrained ViT: which regions each split policy picks, and what that costs in accuracy.
+"""Every split policy on one pretrained ViT, frozen and after equal fine-tuning: which regions each policy picks,
+and what that costs in accuracy, GMACs and speed.
 
-    python -m train.gate_study --backbone results/evidence/vit-p8/model --output_dir results/gate_study
+    python -m train.gate_study --backbone results/evidence/vit-p8/model --output_dir results/evidence/shared
 
-The backbone (a transformers ViT/8 trained on Translated Fashion-MNIST 64x64, e.g. the evidence run `vit-p8`) is
-converted with `from_vit(vit, coarse_patch_size=16)` and never trained again. On it, at fine ratios `--ratios`
-(fixed budget: every image gets exactly `round(ratio * 16)` split regions), with size-aware attention on and off:
+The backbone (a transformers ViT/8 trained on Translated Fashion-MNIST 64x64, the evidence run `vit-p8`, or on its
+cluttered variant with `--dataset cluttered_translated_fashion_mnist`) is converted with
+`from_vit(vit, coarse_patch_size=16)` (size-aware attention on). On it, for every seed:
 
-- fixed layouts: all fine, all coarse, random regions, centre regions, and the regions that hold the item (the clean
-  canvas's oracle, with its own per-image count);
-- the training-free gates (`gate_type="entropy"`, `"std"`);
-- learned gates, for every seed: the counterfactual objective (trained once, evaluated at every ratio) and the
-  paper's straight-through objective with today's recipe (masked softmax, ratio loss x 20, trained per ratio);
-- counterfactual ablations at size-aware attention on: flips per image, target scale, layout sampling;
-- whether the old recipe's adapt stage still pays (seed 0): one epoch of fine-tuning on random splits at fine ratio
-  0.5 before the counterfactual gate, against one epoch of fine-tuning with every region split (the same fine-tuning,
-  given to the full-token model).
+- **frozen** (the plug-in use of a pretrained ViT): all fine, all coarse, the item's own regions (the oracle), random
+  and centre regions, the training-free entropy gate, the paper's straight-through gate (ratio loss x 20, trained per
+  budget) and the counterfactual gate (trained once). Budgets: fine ratios `--ratios` (fixed budget: exactly
+  `round(ratio * 16)` split regions per image) and, for the counterfactual gate, `--thresholds` (split where the
+  predicted loss drop exceeds that many nats), with the entropy gate at the thresholds that match its fine ratio;
+- **fine-tuned**: the same policies after the same fine-tuning of the whole model (`--finetune_epochs` at
+  `--finetune_learning_rate`, every training image). All fine and all coarse fine-tune on their own layouts; random,
+  centre and entropy on their own ranking at uniformly random densities (one fine-tuning serves every budget); the
+  counterfactual gate with its own objective (which samples such layouts too and keeps training the gate); the
+  straight-through gate with its own objective at its budget;
+- **ablations** at fine ratio 0.5, frozen: size-aware attention off, counterfactual flips, target scale and layout
+  sampling, and the straight-through gate's budget loss (gBaS, BaS against the ratio loss).
 
-Each row gives validation and test top-1, GMACs, tokens, fine ratio and how often the policy splits regions that
-hold the item and empty ones. `results.json` is written after every row (a rerun skips finished rows), then
-`table.md`. Training uses `--max_train_samples` images of the training split, one epoch per gate.
+Gates train on a fixed subset of `--gate_train_samples` images, one epoch. Each row gives validation and test top-1,
+GMACs, tokens, fine ratio and how often it splits the item's regions, clutter regions and empty ones; inference
+throughput relative to the ViT is measured side by side per budget. `results.json` is written after every row (a
+rerun skips finished rows; trained gates are kept in `gates/`), then `table.md`.
 """
 
 import json
+import math
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, HfArgumentParser, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
 from tools.readme import replace_section
-from train.data import load_classification_splits
-from train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
+from train.data import TRANSLATED_DATASETS, load_classification_splits
+from train.evaluation import interleaved_images_per_second
+from train.gate_training import (
+    GateTrainingArguments,
+    content_regions,
+    evaluate_split_policy,
+    split_probabilities,
+    split_tensors,
+    train_on_tensors,
+)
 from train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES
 
 
 README_START = "<!-- gate-study:start (generated by python -m train.gate_study --readme README.md) -->"
 README_END = "<!-- gate-study:end -->"
+# kind -> (objective, config overrides), frozen, at fine ratio 0.5
 ABLATIONS = {
-    "flips=4": dict(counterfactual_flips=4),
-    "target_scale=1": dict(counterfactual_target_scale=1.0),
-    "layouts=uniform": dict(counterfactual_layouts="uniform"),
+    "counterfactual (size-aware attention off)": ("counterfactual", dict(size_aware_attention=False)),
+    "counterfactual (flips=4)": ("counterfactual", dict(counterfactual_flips=4)),
+    "counterfactual (target_scale=1)": ("counterfactual", dict(counterfactual_target_scale=1.0)),
+    "counterfactual (layouts=uniform)": ("counterfactual", dict(counterfactual_layouts="uniform")),
+    "straight_through (gBaS)": ("straight_through", dict(gate_loss_type="gbas")),
+    "straight_through (BaS)": ("straight_through", dict(gate_loss_type="bas")),
 }
+FIXED_POLICIES = ("all_fine", "all_coarse")
+KIND_NAMES = {"content": "item's regions (oracle)", "entropy": "entropy (training-free)"}
+RANKED_POLICIES = ("random", "centre")
 
 
 @dataclass
 class GateStudyArguments:
     backbone: str = field(metadata={"help": "Folder of the transformers ViT (with its image processor)."})
-    output_dir: str = field(default="results/gate_study", metadata={"help": "Where results.json and table.md go."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the learned gates."})
-    ratios: list[float] = field(default_factory=lambda: [0.25, 0.5], metadata={"help": "Fine ratios (budgets)."})
+    output_dir: str = field(default="results/evidence/shared", metadata={"help": "Where the results go."})
+    dataset: str = field(
+        default="translated_fashion_mnist",
+        metadata={"help": "The backbone's data set.", "choices": TRANSLATED_DATASETS},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every trained row."})
+    ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": "Fine-ratio budgets."})
+    thresholds: list[float] = field(
+        default_factory=lambda: [0.005, 0.05],
+        metadata={"help": "Counterfactual gate: split where the predicted loss drop exceeds this many nats."},
+    )
     coarse_patch_size: int = field(default=16, metadata={"help": "Coarse patch size of the converted MSViT."})
-    max_train_samples: int = field(default=20000, metadata={"help": "Training images of the gates."})
+    gate_train_samples: int = field(default=20000, metadata={"help": "Training images of every gate."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Training images (default: all)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on subsets (smoke tests)."})
     epochs: int = field(default=1, metadata={"help": "Epochs of every gate."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the validation split and the training subset."})
-    ablations: bool = field(default=True, metadata={"help": "Also run the counterfactual and adapt ablations."})
+    finetune_epochs: int = field(default=1, metadata={"help": "Epochs of every fine-tuning."})
+    finetune_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of every fine-tuning."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the validation split and the training subsets."})
+    finetune: bool = field(default=True, metadata={"help": "Also run the fine-tuned rows."})
+    ablations: bool = field(default=True, metadata={"help": "Also run the ablations."})
+    timing_images: int = field(default=1024, metadata={"help": "Test images of the throughput comparison."})
+    timing_repeats: int = field(default=5, metadata={"help": "Interleaved timing repetitions (median)."})
     readme: str | None = field(default=None, metadata={"help": "Rewrite this README's gate-study table."})
+
+
+def gate_path(output_dir: Path, kind: str, ratios: list[float] | None, seed: int) -> Path:
+    """Where a study keeps a trained gate: one per (kind, seed), and per budget for gates trained towards one."""
+    budget = "" if ratios is None else "-ratio=" + ",".join(map(str, ratios))
+    return Path(output_dir) / "gates" / f"{kind.replace(' ', '_')}{budget}-seed={seed}.safetensors"
+
+
+def row_name(kind: str, tuning: str, budget: str, seed: int | None = None) -> str:
+    return f"{kind}|{tuning}|{budget}" + ("" if seed is None else f"|seed={seed}")
+
+
+def ratio_budget(ratio: float) -> str:
+    return f"ratio={ratio}"
 
 
 class GateStudy:
     def __init__(self, args: GateStudyArguments):
         self.args = args
         self.output_dir = Path(args.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "gates").mkdir(parents=True, exist_ok=True)
         self.results_path = self.output_dir / "results.json"
-        self.rows = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+        saved = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+        self.rows, self.throughput = saved.get("rows", {}), saved.get("throughput", {})
         self.vit = ViTForImageClassification.from_pretrained(args.backbone).eval()
         processor = AutoImageProcessor.from_pretrained(args.backbone)
-        splits = load_classification_splits(
-            "translated_fashion_mnist",
-            seed=args.data_seed,
-            max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples,
+        load = dict(
+            seed=args.data_seed, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
         )
-        self.data = split_tensors(splits, processor, self.vit.config.num_channels)
+        self.data = split_tensors(load_classification_splits(args.dataset, **load), processor, self.num_channels)
+        self.items = {split: None for split in self.data}
+        if args.dataset != "translated_fashion_mnist":
+            # the item's regions are those with content on the clean canvas: the same items at the same places
+            clean = load_classification_splits("translated_fashion_mnist", **load)
+            for split in ("validation", "test"):
+                pixels, _ = split_tensors({split: clean[split]}, processor, self.num_channels)[split]
+                self.items[split] = content_regions(pixels, args.coarse_patch_size)
+        generator = torch.Generator().manual_seed(args.data_seed)
+        subset = torch.randperm(len(self.data["train"][1]), generator=generator)[: args.gate_train_samples]
+        self.gate_data = tuple(tensor[subset] for tensor in self.data["train"])
 
-    def model(self, size_aware: bool, **overrides) -> MSViTForImageClassification:
+    @property
+    def num_channels(self) -> int:
+        return self.vit.config.num_channels
+
+    def model(self, **overrides) -> MSViTForImageClassification:
+        overrides = {"size_aware_attention": True, **overrides}
         return MSViTForImageClassification.from_vit(
-            self.vit, coarse_patch_size=self.args.coarse_patch_size, size_aware_attention=size_aware, **overrides
+            self.vit, coarse_patch_size=self.args.coarse_patch_size, **overrides
         ).eval()
 
-    def record(self, name: str, model, *, train_seconds: float | None = None, **row) -> None:
-        """Evaluate `model` on validation and test under the row's policy and store the row."""
-        policy = dict(policy=row.get("policy", "gate"), fine_ratio=row.get("ratio"))
+    def save(self) -> None:
+        self.results_path.write_text(json.dumps({"rows": self.rows, "throughput": self.throughput}, indent=1))
+
+    def record(self, name: str, model, *, policy: str = "gate", value: float | None = None, **row) -> None:
+        """Evaluate `model` on validation and test under the row's policy and budget, and store the row."""
+        budget = row.get("budget")
+        options = dict(policy=policy, seed=1234 + row.get("seed", 0))
+        if budget == "ratio":
+            options["fine_ratio"] = value
+        elif budget == "threshold":
+            options["threshold"] = value
         measured = {
-            split: evaluate_split_policy(model, *self.data[split], **policy) for split in ("validation", "test")
+            split: evaluate_split_policy(model, *self.data[split], item_regions=self.items[split], **options)
+            for split in ("validation", "test")
         }
-        self.rows[name] = {**row, "train_seconds": train_seconds, **measured}
-        self.results_path.write_text(json.dumps(self.rows, indent=1))
+        self.rows[name] = {**row, "value": value, **measured}
+        self.save()
         test = measured["test"]
         print(
-            f"{name}: test {100 * test['accuracy']:.2f} %, content/empty split "
+            f"{name}: test {100 * test['accuracy']:.2f} %, item/empty split "
             f"{test['split_rate_content']:.2f}/{test['split_rate_empty']:.2f}, {test['gmacs']:.4f} GMACs"
         )
 
-    def trained_gate(self, objective: str, size_aware: bool, seed: int, **overrides):
+    def trained_gate(
+        self, kind: str, objective: str, seed: int, ratios: list[float] | None = None, **overrides
+    ) -> MSViTForImageClassification:
+        """A gate trained on the frozen backbone, kept in `gates/` (`gate_path`) for later rows and reruns."""
         torch.manual_seed(seed)  # the gate's initial weights
-        model = self.model(size_aware, **{**GATE_RECIPES[objective], **overrides})
+        model = self.model(**{**GATE_RECIPES[objective], **overrides})
+        gate = model.msvit.embeddings.gate
+        path = gate_path(self.output_dir, kind, ratios, seed)
+        if path.is_file():
+            gate.load_state_dict(load_file(path))
+            return model
         training = GateTrainingArguments(GATE_LEARNING_RATES[objective], epochs=self.args.epochs, seed=seed)
-        start = time.perf_counter()
-        train_on_tensors(model, *self.data["train"], training, description=f"{objective} gate, seed {seed}")
-        return model, time.perf_counter() - start
+        train_on_tensors(model, *self.gate_data, training, description=f"{kind} gate, seed {seed}")
+        save_file({key: value.contiguous() for key, value in gate.state_dict().items()}, path)
+        return model
+
+    def finetuned(self, model, seed: int, description: str, **options) -> MSViTForImageClassification:
+        torch.manual_seed(seed)
+        training = GateTrainingArguments(self.args.finetune_learning_rate, epochs=self.args.finetune_epochs, seed=seed)
+        train_on_tensors(model, *self.data["train"], training, gate_only=False, description=description, **options)
+        return model
+
+    def missing(self, names: list[str]) -> bool:
+        return not all(name in self.rows for name in names)
 
     def run(self) -> None:
         args = self.args
-        for size_aware in (True, False):
-            attention = {"size_aware": size_aware}
-            for policy in ("all_fine", "all_coarse", "content"):
-                name = f"{policy}|size_aware={size_aware}"
-                if name not in self.rows:
-                    self.record(name, self.model(size_aware), kind=policy, policy=policy, **attention)
-            for ratio in args.ratios:
-                for policy in ("random", "centre"):
-                    name = f"{policy}|size_aware={size_aware}|ratio={ratio}"
-                    if name not in self.rows:
-                        self.record(name, self.model(size_aware), kind=policy, policy=policy, ratio=ratio, **attention)
-                for rule in ("entropy", "std"):
-                    name = f"{rule}|size_aware={size_aware}|ratio={ratio}"
-                    if name not in self.rows:
-                        self.record(name, self.model(size_aware, gate_type=rule), kind=rule, ratio=ratio, **attention)
-            for seed in args.seeds:
-                self.learned("counterfactual", size_aware, seed, args.ratios)
-                for ratio in args.ratios:
-                    self.learned("straight_through", size_aware, seed, [ratio], target_fine_ratio=ratio)
+        for seed in args.seeds:
+            self.frozen_rows(seed)
         if args.ablations:
-            for ablation, overrides in ABLATIONS.items():
-                for seed in args.seeds:
-                    self.learned("counterfactual", True, seed, [0.5], ablation=ablation, **overrides)
-            self.adapt_rows(seed=args.seeds[0])
-        table = summary_table(self.rows)
+            for seed in args.seeds:
+                self.ablation_rows(seed)
+        self.measure_throughput()
+        if args.finetune:
+            for seed in args.seeds:
+                self.finetuned_rows(seed)
+        table = summary_table(self.rows, self.throughput)
         (self.output_dir / "table.md").write_text(table)
         if args.readme:
             replace_section(Path(args.readme), README_START, README_END, table)
 
-    def adapt_rows(self, seed: int) -> None:
-        """One epoch of backbone fine-tuning (learning rate 2e-4): on random splits at 0.5 and then the counterfactual
-        gate (the old adapt stage), or with every region split (the full-token control)."""
-        finetune = GateTrainingArguments(2e-4, epochs=self.args.epochs, seed=seed)
-        name = f"all_fine, fine-tuned|size_aware=True|seed={seed}"
-        if name not in self.rows:
-            torch.manual_seed(seed)
-            model = self.model(True)
-            train_on_tensors(model, *self.data["train"], finetune, gate_only=False, split_policy="all_fine")
-            self.record(name, model, kind="all_fine, fine-tuned", policy="all_fine", seed=seed, size_aware=True)
-        names = {
-            ratio: f"adapt + counterfactual|size_aware=True|ratio={ratio}|seed={seed}" for ratio in self.args.ratios
-        }
-        if all(name in self.rows for name in names.values()):
-            return
-        torch.manual_seed(seed)  # the same initial gate as the counterfactual rows of this seed
-        adapted = self.model(True, **GATE_RECIPES["counterfactual"])
-        # forced decisions: the gate gets no gradient while the backbone adapts to random splits
-        train_on_tensors(
-            adapted, *self.data["train"], finetune, gate_only=False, split_policy="random", fine_ratio=0.5
-        )
-        training = GateTrainingArguments(GATE_LEARNING_RATES["counterfactual"], epochs=self.args.epochs, seed=seed)
-        train_on_tensors(adapted, *self.data["train"], training, description="counterfactual gate after adapt")
-        for ratio, name in names.items():
-            self.record(name, adapted, kind="adapt + counterfactual", ratio=ratio, seed=seed, size_aware=True)
+    def frozen_rows(self, seed: int) -> None:
+        args, tuning = self.args, "frozen"
+        if seed == args.seeds[0]:  # deterministic rows: one seed
+            for policy in (*FIXED_POLICIES, "content"):
+                name = row_name(policy, tuning, "-")
+                if name not in self.rows:
+                    self.record(name, self.model(), policy=policy, kind=policy, tuning=tuning, budget=None)
+            for ratio in args.ratios:
+                for kind, policy, overrides in (
+                    ("centre", "centre", {}),
+                    ("entropy", "gate", {"gate_type": "entropy"}),
+                ):
+                    name = row_name(kind, tuning, ratio_budget(ratio))
+                    if name not in self.rows:
+                        model = self.model(**overrides)
+                        self.record(name, model, policy=policy, value=ratio, kind=kind, tuning=tuning, budget="ratio")
+        for ratio in args.ratios:
+            name = row_name("random", tuning, ratio_budget(ratio), seed)
+            if name not in self.rows:
+                self.record(
+                    name, self.model(), policy="random", value=ratio, kind="random", tuning=tuning, budget="ratio",
+                    seed=seed,
+                )  # fmt: skip
+        counterfactual = self.gate_rows("counterfactual", seed)
+        if counterfactual is not None:
+            self.threshold_rows(counterfactual, "counterfactual", tuning, seed)
+        for ratio in args.ratios:
+            self.gate_rows("straight_through", seed, ratios=[ratio], target_fine_ratio=ratio)
+        self.matched_entropy_rows(tuning, seed)
 
-    def learned(
-        self, objective: str, size_aware: bool, seed: int, ratios: list[float], ablation: str = "", **overrides
-    ) -> None:
-        kind = objective + (f" ({ablation})" if ablation else "")
-        names = {ratio: f"{kind}|size_aware={size_aware}|ratio={ratio}|seed={seed}" for ratio in ratios}
-        if all(name in self.rows for name in names.values()):
-            return
-        model, seconds = self.trained_gate(objective, size_aware, seed, **overrides)
+    def gate_rows(
+        self, objective: str, seed: int, ratios: list[float] | None = None, kind: str | None = None, **overrides
+    ) -> MSViTForImageClassification | None:
+        """Frozen rows of a learned gate at each ratio; returns the gate's model when any row was missing."""
+        kind = kind or objective
+        ratios = ratios or self.args.ratios
+        names = {ratio: row_name(kind, "frozen", ratio_budget(ratio), seed) for ratio in ratios}
+        thresholds = [row_name(kind, "frozen", f"threshold={t}", seed) for t in self.args.thresholds]
+        if not self.missing(
+            [*names.values(), *(thresholds if objective == "counterfactual" and not overrides else [])]
+        ):
+            return None
+        # a straight-through gate trains towards its budget, a counterfactual one serves every budget
+        model = self.trained_gate(kind, objective, seed, self.trained_ratios(objective, ratios), **overrides)
         for ratio, name in names.items():
-            self.record(name, model, train_seconds=seconds, kind=kind, ratio=ratio, seed=seed, size_aware=size_aware)
+            if name not in self.rows:
+                self.record(name, model, value=ratio, kind=kind, tuning="frozen", budget="ratio", seed=seed)
+        return model
+
+    @staticmethod
+    def trained_ratios(objective: str, ratios: list[float]) -> list[float] | None:
+        return ratios if objective == "straight_through" else None
+
+    def threshold_rows(self, model, kind: str, tuning: str, seed: int) -> None:
+        """A counterfactual gate's logit is `target_scale x` the predicted loss drop: threshold `t` nats is the split
+        probability `sigmoid(target_scale * t)`."""
+        for nats in self.args.thresholds:
+            name = row_name(kind, tuning, f"threshold={nats}", seed)
+            if name not in self.rows:
+                probability = 1 / (1 + math.exp(-model.config.counterfactual_target_scale * nats))
+                self.record(
+                    name, model, value=probability, kind=kind, tuning=tuning, budget="threshold", seed=seed,
+                    threshold_nats=nats,
+                )  # fmt: skip
+
+    def matched_entropy_rows(self, tuning: str, seed: int) -> None:
+        """The entropy gate at the thresholds that give it, on validation, the counterfactual gate's fine ratio at each
+        of its thresholds (same seed): matched GMACs."""
+        entropy = None
+        for nats in self.args.thresholds:
+            reference = self.rows.get(row_name("counterfactual", tuning, f"threshold={nats}", seed))
+            name = row_name("entropy", tuning, f"threshold={nats}", seed)
+            if reference is None or name in self.rows:
+                continue
+            if entropy is None:
+                entropy = self.model(gate_type="entropy")
+                probabilities = split_probabilities(entropy, self.data["validation"][0]).flatten()
+            quantile = 1 - reference["validation"]["fine_ratio"]
+            probability = min(max(torch.quantile(probabilities, quantile).item(), 1e-6), 1 - 1e-6)
+            self.record(
+                name, entropy, value=probability, kind="entropy", tuning=tuning, budget="threshold", seed=seed,
+                threshold_nats=nats,
+            )  # fmt: skip
+
+    def ablation_rows(self, seed: int) -> None:
+        for kind, (objective, overrides) in ABLATIONS.items():
+            overrides = dict(overrides)
+            if objective == "straight_through":
+                overrides["target_fine_ratio"] = 0.5
+            self.gate_rows(objective, seed, ratios=[0.5], kind=kind, **overrides)
+
+    def finetuned_rows(self, seed: int) -> None:
+        args, tuning = self.args, "fine-tuned"
+        for policy in FIXED_POLICIES:
+            name = row_name(policy, tuning, "-", seed)
+            if name not in self.rows:
+                model = self.finetuned(self.model(), seed, f"fine-tune {policy}", split_policy=policy)
+                self.record(name, model, policy=policy, kind=policy, tuning=tuning, budget=None, seed=seed)
+        ranked = {policy: (policy, {}) for policy in RANKED_POLICIES}
+        ranked["entropy"] = ("gate", {"gate_type": "entropy"})
+        for kind, (policy, overrides) in ranked.items():
+            names = {ratio: row_name(kind, tuning, ratio_budget(ratio), seed) for ratio in args.ratios}
+            if not self.missing(list(names.values())):
+                continue
+            model = self.finetuned(
+                self.model(**overrides), seed, f"fine-tune {kind}", split_policy=policy, uniform_density=True
+            )
+            for ratio, name in names.items():
+                self.record(
+                    name, model, policy=policy, value=ratio, kind=kind, tuning=tuning, budget="ratio", seed=seed
+                )
+        self.finetuned_gate("counterfactual", seed, args.ratios)
+        for ratio in args.ratios:
+            self.finetuned_gate("straight_through", seed, [ratio], target_fine_ratio=ratio)
+
+    def finetuned_gate(self, objective: str, seed: int, ratios: list[float], **overrides) -> None:
+        """The frozen rows' gate, then the whole model fine-tuned with the gate's own objective."""
+        tuning = "fine-tuned"
+        names = {ratio: row_name(objective, tuning, ratio_budget(ratio), seed) for ratio in ratios}
+        thresholds = [row_name(objective, tuning, f"threshold={t}", seed) for t in self.args.thresholds]
+        if not self.missing([*names.values(), *(thresholds if objective == "counterfactual" else [])]):
+            return
+        gate = self.trained_gate(objective, objective, seed, self.trained_ratios(objective, ratios), **overrides)
+        model = self.finetuned(gate, seed, f"fine-tune {objective}")
+        for ratio, name in names.items():
+            self.record(name, model, value=ratio, kind=objective, tuning=tuning, budget="ratio", seed=seed)
+        if objective == "counterfactual":
+            self.threshold_rows(model, objective, tuning, seed)
+
+    def measure_throughput(self) -> None:
+        """Inference images/s relative to the ViT, side by side on the same test images: the MSViT (learned gate) at
+        every budget, all fine, all coarse, and the entropy gate at 0.5."""
+        if self.throughput:
+            return
+        pixels = self.data["test"][0][: self.args.timing_images]
+        runners = {"vit": self.vit, "all_fine": self.model(), "all_coarse": self.model(fine_ratio_budget=0.0)}
+        runners["all_fine"].set_budget(fine_ratio=1.0)
+        for ratio in self.args.ratios:
+            runners[ratio_budget(ratio)] = self.model(fine_ratio_budget=ratio)
+        runners["entropy|ratio=0.5"] = self.model(gate_type="entropy", fine_ratio_budget=0.5)
+        with torch.no_grad():
+            speed = interleaved_images_per_second(
+                runners, dict.fromkeys(runners, pixels), 128, self.args.timing_repeats
+            )
+        self.throughput = {name: value / speed["vit"] for name, value in speed.items() if name != "vit"} | {
+            "threads": torch.get_num_threads(),
+            "repeats": self.args.timing_repeats,
+        }
+        self.save()
 
 
 def mean_std(values: list[float], scale: float = 100.0) -> str:
@@ -180,37 +366,67 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
 
 
-def summary_table(rows: dict[str, dict]) -> str:
-    """Markdown: one line per (policy, size-aware attention, ratio), learned gates as mean ± std over seeds."""
+def throughput_of(row: dict, throughput: dict) -> str:
+    key = {"all_fine": "all_fine", "all_coarse": "all_coarse"}.get(row["kind"])
+    if row["budget"] == "ratio":
+        key = "entropy|ratio=0.5" if row["kind"] == "entropy" and row["value"] == 0.5 else ratio_budget(row["value"])
+    return f"{throughput[key]:.2f}x" if key in throughput else "-"
+
+
+def group_rows(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
+    """Rows by (kind, tuning, budget): the seeds of one table line."""
     groups: dict[tuple, list[dict]] = {}
-    for row in rows.values():
-        groups.setdefault((row["kind"], row["size_aware"], row.get("ratio")), []).append(row)
+    for name, row in rows.items():
+        groups.setdefault(tuple(name.split("|")[:3]), []).append(row)
+    return groups
+
+
+def summary_table(rows: dict[str, dict], throughput: dict) -> str:
+    """Markdown: one line per (policy, frozen or fine-tuned, budget), mean ± std over seeds."""
+    groups = group_rows(rows)
+    clutter = any("split_rate_clutter" in row["test"] for row in rows.values())
     lines = [
-        "| split policy | size-aware attention | fine ratio (budget) | seeds | validation top-1 (%) | test top-1 (%) "
-        "| GMACs | split rate: item regions | split rate: empty regions |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| split policy | backbone | budget | seeds | validation top-1 (%) | test top-1 (%) | GMACs | tokens "
+        "| split rate: item" + (" / clutter" if clutter else "") + " / empty | throughput vs ViT/8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (kind, size_aware, ratio), group in sorted(
-        groups.items(), key=lambda item: (not item[0][1], item[0][2] or -1, item[0][0])
-    ):
+
+    def order(item):
+        (kind, tuning, budget), group = item
+        value = group[0]["value"]
+        return (tuning != "frozen", group[0]["budget"] or "", -1 if value is None else value, kind)
+
+    for (kind, tuning, budget), group in sorted(groups.items(), key=order):
         test = [row["test"] for row in group]
+        rates = ["split_rate_content", *(["split_rate_clutter"] if clutter else []), "split_rate_empty"]
+        rate_text = " / ".join(
+            f"{statistics.mean(measured.get(rate, 0.0) for measured in test):.2f}" for rate in rates
+        )
+        budget_text = budget.replace("ratio=", "fine ratio ").replace("threshold=", "predicted drop > ")
+        if budget.startswith("threshold"):
+            budget_text += " nats" if kind != "entropy" else " nats (matched fine ratio)"
         lines.append(
-            f"| {kind} | {'on' if size_aware else 'off'} | {'-' if ratio is None else ratio} | {len(group)} "
+            f"| {KIND_NAMES.get(kind, kind)} | {tuning} | {budget_text} | {len(group)} "
             f"| {mean_std([row['validation']['accuracy'] for row in group])} "
             f"| {mean_std([measured['accuracy'] for measured in test])} "
             f"| {statistics.mean(measured['gmacs'] for measured in test):.4f} "
-            f"| {mean_std([measured['split_rate_content'] for measured in test], 1)} "
-            f"| {mean_std([measured['split_rate_empty'] for measured in test], 1)} |"
+            f"| {statistics.mean(measured['tokens'] for measured in test):.1f} "
+            f"| {rate_text} | {throughput_of(group[0], throughput)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(GateStudyArguments).parse_args_into_dataclasses(args=argv)
+def run_study(args: GateStudyArguments) -> dict[str, dict]:
+    """Run (or resume) the study; returns its rows."""
     study = GateStudy(args)
     (study.output_dir / "arguments.json").write_text(json.dumps(asdict(args), indent=1))
     study.run()
     return study.rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    (args,) = HfArgumentParser(GateStudyArguments).parse_args_into_dataclasses(args=argv)
+    return run_study(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from train.evaluation import processed_pixel_values
-from train.split_policies import forced_split_mask
+from train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
 from train.training_loop import freeze_all_but_gate
 
 
@@ -38,14 +38,17 @@ def train_on_tensors(
     gate_only: bool = True,
     split_policy: str | None = None,
     fine_ratio: float | None = None,
+    uniform_density: bool = False,
     description: str = "gate",
 ) -> list[float]:
     """Train an MSViT classifier through its own loss (`model(pixel_values, labels).loss`); returns every step's loss.
 
     `gate_only` freezes everything but the gate (a rule gate then has nothing to train and the model is returned
     unchanged); otherwise every parameter trains (fine-tuning). `split_policy` (see `train.split_policies`) forces the
-    decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT path. Every step re-seeds torch from
-    `(seed, step)`, so layouts, flips and Gumbel noise are reproducible. The model is left in eval mode.
+    decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT path; with `uniform_density` every image
+    instead splits a uniformly random number of regions in the policy's order (`random`, `centre`, or `gate`: the
+    model's own split logits, for a training-free gate), so one fine-tuning serves every budget. Every step re-seeds
+    torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible. The model is left in eval mode.
     """
     if gate_only:
         freeze_all_but_gate(model)
@@ -66,10 +69,7 @@ def train_on_tensors(
             order = torch.randperm(len(pixel_values), generator=order_generator)
             for batch in order.split(args.batch_size):
                 torch.manual_seed(args.seed * 1_000_003 + len(losses))
-                split_mask = None
-                if split_policy is not None:
-                    grid = model.config.coarse_grid_size
-                    split_mask = forced_split_mask(split_policy, len(batch), grid, fine_ratio or 0.0)
+                split_mask = forced_layouts(model, pixel_values[batch], split_policy, fine_ratio, uniform_density)
                 loss = model(pixel_values=pixel_values[batch], labels=labels[batch], split_mask=split_mask).loss
                 loss.backward()
                 if args.max_grad_norm:
@@ -82,6 +82,28 @@ def train_on_tensors(
                 progress.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
+
+
+def forced_layouts(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    split_policy: str | None,
+    fine_ratio: float | None,
+    uniform_density: bool,
+) -> torch.Tensor | None:
+    """The split mask `train_on_tensors` imposes on a batch (None: the model decides)."""
+    if split_policy is None:
+        return None
+    grid = model.config.coarse_grid_size
+    if not uniform_density:
+        return forced_split_mask(split_policy, len(pixel_values), grid, fine_ratio or 0.0)
+    if split_policy == "gate":
+        with torch.no_grad():  # the gate's scores; all-coarse keeps the forward pass short
+            all_coarse = torch.zeros(len(pixel_values), grid[0] * grid[1], dtype=torch.bool)
+            scores = model(pixel_values=pixel_values, split_mask=all_coarse).split_logits
+    else:
+        scores = policy_scores(split_policy, len(pixel_values), grid)
+    return uniform_density_split_mask(scores)
 
 
 def split_tensors(splits, image_processor, num_channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -111,22 +133,31 @@ def evaluate_split_policy(
     *,
     policy: str = "gate",
     fine_ratio: float | None = None,
+    threshold: float | None = None,
+    item_regions: torch.Tensor | None = None,
+    seed: int = 1234,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """Top-1 accuracy, mean GMACs and tokens per image, fine ratio, and the split rates on content and on empty
+    """Top-1 accuracy, mean GMACs and tokens per image, fine ratio, and the split rates on item, clutter and empty
     regions of an MSViT classifier under a split policy.
 
-    `policy`: `"gate"` (the model's own gate, at the fixed budget `fine_ratio`, or its saved budget/threshold when
-    None), `"content"` (split exactly the regions that hold content: the clean canvas's oracle), or one of
-    `train.split_policies` (`random`, `centre`, `all_fine`, `all_coarse`; random masks from a fixed seed).
+    `policy`: `"gate"` (the model's own gate, at the fixed budget `fine_ratio` or the `threshold`, or its saved
+    budget/threshold when both are None), `"content"` (split exactly the item's regions: the oracle), or one of
+    `train.split_policies` (`random`, `centre`, `all_fine`, `all_coarse`; random masks from `seed`).
+
+    `item_regions` `(N, Nc)` bool marks the regions that hold the item (default: every region with content, right
+    for clean canvases); content elsewhere is clutter (`split_rate_clutter`, reported when there is any).
+    `split_rate_content` is the split rate on the item's regions.
     """
     model.eval()
     config = model.config
     content = content_regions(pixel_values, config.coarse_patch_size)
+    item = content if item_regions is None else item_regions
+    clutter = content & ~item
     saved_budget = (config.fine_ratio_budget, config.gate_threshold)
-    if policy == "gate" and fine_ratio is not None:
-        model.set_budget(fine_ratio=fine_ratio)
-    generator = torch.Generator().manual_seed(1234)
+    if policy == "gate" and (fine_ratio, threshold) != (None, None):
+        model.set_budget(fine_ratio=fine_ratio, threshold=threshold)
+    generator = torch.Generator().manual_seed(seed)
     correct, token_counts, split_masks = 0, [], []
     try:
         for start in range(0, len(pixel_values), batch_size):
@@ -134,7 +165,7 @@ def evaluate_split_policy(
             if policy == "gate":
                 split_mask = None
             elif policy == "content":
-                split_mask = content[start : start + batch_size]
+                split_mask = item[start : start + batch_size]
             else:
                 split_mask = forced_split_mask(
                     policy, len(batch), config.coarse_grid_size, fine_ratio or 0.0, generator
@@ -146,11 +177,25 @@ def evaluate_split_policy(
     finally:
         config.fine_ratio_budget, config.gate_threshold = saved_budget
     counts, splits = torch.cat(token_counts), torch.cat(split_masks)
-    return {
+    measured = {
         "accuracy": correct / len(labels),
         "gmacs": model.compute_macs(counts).double().mean().item() / 1e9,
         "tokens": counts.double().mean().item(),
         "fine_ratio": splits.float().mean().item(),
-        "split_rate_content": splits[content].float().mean().item(),
+        "split_rate_content": splits[item].float().mean().item(),
         "split_rate_empty": splits[~content].float().mean().item(),
     }
+    if clutter.any():
+        measured["split_rate_clutter"] = splits[clutter].float().mean().item()
+    return measured
+
+
+@torch.no_grad()
+def split_probabilities(model: torch.nn.Module, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """`(N, Nc)` split probabilities of an MSViT's gate (the encoder runs on all-coarse layouts: the shortest)."""
+    model.eval()
+    num_coarse = model.config.coarse_grid_size[0] * model.config.coarse_grid_size[1]
+    return torch.cat([
+        model(pixel_values=batch, split_mask=torch.zeros(len(batch), num_coarse, dtype=torch.bool)).split_probs
+        for batch in pixel_values.split(batch_size)
+    ])  # fmt: skip

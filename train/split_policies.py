@@ -1,7 +1,8 @@
 """Ways to choose which coarse regions are split, besides the learned gate (baselines for the evidence table).
 
 Every policy returns a `(batch_size, Nc)` bool split mask in raster order with exactly `round(fine_ratio * Nc)`
-splits per image, or None for the learned gate.
+splits per image, or None for the learned gate. For fine-tuning, `uniform_density_split_mask` instead gives every
+image its own uniformly random number of splits, taken in the order of a policy's scores (`policy_scores`).
 """
 
 import torch
@@ -42,3 +43,27 @@ def forced_split_mask(
     else:
         chosen = centre_prior_order(coarse_grid)[:num_split].expand(batch_size, -1)
     return split_mask.scatter(1, chosen, True)
+
+
+def policy_scores(
+    policy: str, batch_size: int, coarse_grid: tuple[int, int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """`(batch_size, Nc)` scores whose order is the policy's preference: fresh uniform noise for `random`, minus the
+    distance rank to the image centre for `centre`."""
+    num_coarse = coarse_grid[0] * coarse_grid[1]
+    if policy == "random":
+        return torch.rand(batch_size, num_coarse, generator=generator)
+    if policy == "centre":
+        order = centre_prior_order(coarse_grid)
+        rank = torch.empty(num_coarse).scatter_(0, order, torch.arange(num_coarse, dtype=torch.float32))
+        return (-rank).expand(batch_size, -1)
+    raise ValueError(f"policy_scores ranks the `random` and `centre` policies, got {policy!r}.")
+
+
+def uniform_density_split_mask(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image splits its `k` highest-scoring regions, `k` uniform in `0 .. Nc` (a fine ratio uniform in [0, 1]):
+    layouts of every density, as the counterfactual objective trains on, so one fine-tuning serves every budget."""
+    batch_size, num_coarse = scores.shape
+    num_split = torch.randint(0, num_coarse + 1, (batch_size, 1), generator=generator)
+    rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return rank < num_split
