@@ -22,6 +22,7 @@ from train.msvit_recipe import msvit_stage_args
 from train.recipes import RecipeError, load_recipe, recipe_to_args
 from train.run_classification import parse_args
 from train.run_segmentation import parse_args as parse_segmentation_args
+from train.segmentation_pipeline import SegmentationPipelineArguments, training_stages
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,32 @@ EXPECTED = {
         fine_ratio_budget=0.5,
         model_name_or_path="outputs/translated-fmnist-gate/model",
     ),
+    "segmentation-fine": dict(
+        stage="scratch",
+        split_policy="all_fine",
+        dataset="fashion_mnist_scenes",
+        patch_size=8,
+        coarse_patch_size=16,
+        decoder_type="linear",
+        num_train_epochs=6,
+        learning_rate=1e-3,
+    ),
+    "segmentation-gate": dict(
+        stage="gate",
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        fine_ratio_budget=0.4,
+        gate_objective="counterfactual",
+        train_token_path="gathered",
+        model_name_or_path="outputs/segmentation-fine/model",
+    ),
+    "segmentation-joint": dict(
+        stage="joint",
+        learning_rate=2e-4,
+        num_train_epochs=3,
+        fine_ratio_budget=0.4,
+        model_name_or_path="outputs/segmentation-gate/model",
+    ),
 }
 
 
@@ -108,6 +135,24 @@ def test_yaml_recipes_are_the_python_msvit_recipe(stage):
         parse_args(["--config", str(TRAINING_DIR / f"translated-fmnist-{stage}.yaml"), "--output_dir", "x"])
     )
     assert from_python == {**from_yaml, "config": None}
+
+
+@pytest.mark.parametrize("stage", ["fine", "gate", "joint"])
+def test_segmentation_yaml_recipes_are_the_pipeline_stages(stage):
+    """The segmentation YAML files train as `make segmentation` (train/segmentation_pipeline.py at its defaults, linear
+    decoder) does: the same arguments but for the folders, the pipeline's export and test switches and the YAML's
+    checkpoints."""
+    stages = training_stages(SegmentationPipelineArguments(), "linear")
+    assert list(stages) == ["full-token", "all-coarse", "gate", "joint", "full-token-matched"]  # no adapt stage
+    pipeline_stage = {"fine": "full-token", "gate": "gate", "joint": "joint"}[stage]
+    from_pipeline = vars(parse_segmentation_args([*stages[pipeline_stage], "--output_dir", "x"]))
+    from_yaml = vars(
+        parse_segmentation_args(["--config", str(TRAINING_DIR / f"segmentation-{stage}.yaml"), "--output_dir", "x"])
+    )
+    ignored = {"config", "model_name_or_path", "skip_export", "skip_test", "checkpointing_steps"}
+    assert {key: value for key, value in from_pipeline.items() if key not in ignored} == {
+        key: value for key, value in from_yaml.items() if key not in ignored
+    }
 
 
 def test_command_line_arguments_after_a_recipe_win():

@@ -1,18 +1,29 @@
 """The segmentation results pipeline, end to end at a tiny size, and its target bookkeeping."""
 
+import functools
 import json
+import math
 
 import pytest
 
+import train.run_segmentation
+from modeling_msvit import MSViTConfig
 from tests.test_data import requires_real_data
-from train.segmentation_pipeline import README_END, README_START, check_target, main
+from train.segmentation_pipeline import (
+    README_END,
+    README_START,
+    SegmentationPipelineArguments,
+    check_target,
+    gate_thresholds,
+    main,
+)
 
 
 TINY = [
     "--canvas_size", "32", "--patch_size", "4", "--coarse_patch_size", "8", "--hidden_size", "16", "--depth", "1",
     "--heads", "2", "--max_train_samples", "24", "--max_eval_samples", "8", "--batch_size", "8",
-    "--fine_epochs", "1", "--adapt_epochs", "1", "--joint_epochs", "1", "--budgets", "0.25", "0.5",
-    "--target_fine_ratio", "0.5", "--thresholds", "0.4",
+    "--fine_epochs", "1", "--joint_epochs", "2", "--budgets", "0.25", "0.5", "--target_fine_ratio", "0.5",
+    "--threshold_drops", "0.01",
 ]  # fmt: skip
 
 
@@ -39,40 +50,70 @@ def test_check_target_picks_the_cheapest_setting_within_one_point():
     assert target["cheapest_within_target_drop"]["setting"] == "fine_ratio=0.75" and not target["met"]
 
 
+def test_gate_thresholds_are_predicted_loss_drops_for_a_counterfactual_gate():
+    config = MSViTConfig(counterfactual_target_scale=20.0)
+    counterfactual = SegmentationPipelineArguments(threshold_drops=[0.0, 0.05])
+    # the split logit is target_scale x the predicted drop: 0.05 nats -> logit 1
+    assert gate_thresholds(counterfactual, config) == {
+        "threshold_drop=0.0": 0.5,
+        "threshold_drop=0.05": pytest.approx(1 / (1 + math.exp(-1.0))),
+    }
+    straight_through = SegmentationPipelineArguments(gate_objective="straight_through", thresholds=[0.3, 0.5])
+    assert gate_thresholds(straight_through, config) == {"threshold=0.3": 0.3, "threshold=0.5": 0.5}
+
+
 @requires_real_data
-def test_pipeline_runs_every_stage_and_writes_the_results(tmp_path):
+def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_path, monkeypatch):
+    # every stage reads the same scenes: compose them once
+    loader = functools.cache(train.run_segmentation.load_segmentation_splits)
+    monkeypatch.setattr(train.run_segmentation, "load_segmentation_splits", loader)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nPLACEHOLDER\n{README_END}\noutro\n")
     output, results_dir = tmp_path / "runs", tmp_path / "results"
     argv = [*TINY, "--output_dir", str(output), "--results_dir", str(results_dir), "--readme", str(readme)]
     report = main(argv)
-    assert set(report["stage_seconds"]) == {
-        "full-token", "all-coarse", "adapt", "gate", "joint", "full-token-matched", "budgets-validation",
-        "budgets-test", "threshold-0.4-validation", "threshold-0.4-test",
-    }  # fmt: skip
-    assert set(report["validation"]["msvit"]) == {
-        "fine_ratio=0.25", "fine_ratio=0.5", "threshold=0.5", "all_fine", "all_coarse", "threshold=0.4",
-    }  # fmt: skip
-    # 32 px, coarse 8: 16 regions of 4 fine tokens; a fixed budget gives exact token counts
-    msvit = report["validation"]["msvit"]
-    assert msvit["fine_ratio=0.25"]["tokens"] == 1 + 16 + 3 * 4
-    assert msvit["all_fine"]["tokens"] == 1 + 64 and msvit["all_coarse"]["tokens"] == 1 + 16
-    # the same MSViT weights all fine cost what the full-token model costs
-    assert msvit["all_fine"]["gmacs"] == pytest.approx(report["validation"]["full-token"]["gmacs"])
-    assert report["validation"]["full-token-matched"]["gmacs"] == report["validation"]["full-token"]["gmacs"]
-    # the matched reference trains as many epochs as adapt + joint: 2 x (24 scenes / batch 8) steps
-    assert report["validation"]["full-token-matched"]["step"] == 6
-    assert set(report["test"]["msvit"]) == {"fine_ratio=0.5", "threshold=0.5", "threshold=0.4"}
-    assert json.loads((results_dir / "results.json").read_text())["target"] == report["target"]
-    for name in ("table.md", "miou_vs_gmacs.png", "predictions.png"):
+    evaluations = ["budgets-validation", "budgets-test", "threshold_drop=0.01-validation", "threshold_drop=0.01-test"]
+    stages = ["full-token", "all-coarse", "gate", "joint", "full-token-matched", *evaluations]  # no adapt stage
+    decoders = ("linear", "mask_transformer")
+    assert set(report["stage_seconds"]) == {f"{decoder}/{name}" for decoder in decoders for name in stages}
+    assert list(report["decoders"]) == list(decoders)
+    gate_config = json.loads((output / "linear" / "gate" / "model" / "config.json").read_text())
+    assert gate_config["gate_objective"] == "counterfactual" and gate_config["size_aware_attention"]
+    assert gate_config["decoder_type"] == "linear"
+    mask_config = json.loads((output / "mask_transformer" / "joint" / "model" / "config.json").read_text())
+    assert mask_config["decoder_type"] == "mask_transformer"
+    # the drop threshold becomes a split probability through the model's target scale (10): sigmoid(0.1)
+    probability = 1 / (1 + math.exp(-0.1))
+    for decoder in decoders:
+        results = report["decoders"][decoder]
+        msvit = results["validation"]["msvit"]
+        assert set(msvit) == {"fine_ratio=0.25", "fine_ratio=0.5", "all_fine", "all_coarse", "threshold_drop=0.01"}
+        assert msvit["threshold_drop=0.01"]["gate_threshold"] == pytest.approx(probability)
+        # 32 px, coarse 8: 16 regions of 4 fine tokens; a fixed budget gives exact token counts
+        assert msvit["fine_ratio=0.25"]["tokens"] == 1 + 16 + 3 * 4
+        assert msvit["all_fine"]["tokens"] == 1 + 64 and msvit["all_coarse"]["tokens"] == 1 + 16
+        # the same MSViT weights all fine cost what the full-token model costs
+        assert msvit["all_fine"]["gmacs"] == pytest.approx(results["validation"]["full-token"]["gmacs"])
+        assert results["validation"]["full-token-matched"]["gmacs"] == results["validation"]["full-token"]["gmacs"]
+        # the matched reference trains as many epochs as joint (no adapt; the gate's leaves the backbone frozen):
+        # 2 x (24 scenes / batch 8) steps, as the joint stage
+        assert results["validation"]["full-token-matched"]["step"] == 6
+        assert json.loads((output / decoder / "joint" / "results.json").read_text())["validation"]["step"] == 6
+        assert set(results["test"]["msvit"]) == {"fine_ratio=0.5", "threshold_drop=0.01"}
+    # the mask transformer's decoder costs more than the linear one
+    full_gmacs = {decoder: report["decoders"][decoder]["validation"]["full-token"]["gmacs"] for decoder in decoders}
+    assert full_gmacs["mask_transformer"] > full_gmacs["linear"]
+    saved = json.loads((results_dir / "results.json").read_text())
+    assert saved["decoders"]["mask_transformer"]["target"] == report["decoders"]["mask_transformer"]["target"]
+    for name in ("table.md", "miou_vs_gmacs.png", "predictions-linear.png", "predictions-mask_transformer.png"):
         assert (results_dir / name).is_file(), name
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "PLACEHOLDER" not in text
-    assert "| MSViT | fine ratio 0.25 (fixed budget) |" in text and "results/miou_vs_gmacs.png" in text
+    assert "| linear | MSViT | fine ratio 0.25 (fixed budget) |" in text
+    assert "| mask transformer | MSViT | gate threshold: predicted loss drop > 0.01 nats (p > 0.525) |" in text
+    assert "results/miou_vs_gmacs.png" in text and "results/predictions-mask_transformer.png" in text
 
     # a second run reads the finished stages instead of training them again
     again = main(argv)
-    assert set(again["stage_seconds"]) == {
-        "budgets-validation", "budgets-test", "threshold-0.4-validation", "threshold-0.4-test",
-    }  # fmt: skip
-    assert again["validation"] == report["validation"]
+    assert set(again["stage_seconds"]) == {f"{decoder}/{name}" for decoder in decoders for name in evaluations}
+    assert again["decoders"] == report["decoders"]

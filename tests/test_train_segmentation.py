@@ -164,13 +164,13 @@ def test_sources_convert_to_segmenters_with_their_backbone(tmp_path):
 
 
 def test_segmentation_recipes_chain_their_stages():
-    stages = ("fine", "adapt", "gate", "joint")
+    stages = ("fine", "gate", "joint")
     parsed = {
         stage: parse_args(["--config", str(RECIPES_DIR / f"segmentation-{stage}.yaml"), "--output_dir", "x"])
         for stage in stages
     }
-    assert [parsed[stage].stage for stage in stages] == ["scratch", "joint", "gate", "joint"]
-    assert parsed["fine"].split_policy == "all_fine" and parsed["adapt"].split_policy == "random"
+    assert [parsed[stage].stage for stage in stages] == ["scratch", "gate", "joint"]
+    assert parsed["fine"].split_policy == "all_fine" and parsed["gate"].gate_objective == "counterfactual"
     for stage, previous in zip(stages[1:], stages):
         assert parsed[stage].model_name_or_path == f"outputs/segmentation-{previous}/model"
     assert {args.dataset for args in parsed.values()} == {"fashion_mnist_scenes"}

@@ -1,37 +1,55 @@
 """Segmentation results on Fashion-MNIST scenes: mean IoU against GMACs for MSViT at several budgets, the full-token
-(all fine) segmenter and an all-coarse one.
+(all fine) segmenter and an all-coarse one, for Segmenter's linear decoder and its mask transformer.
 
     python -m train.segmentation_pipeline                       # the embedded default (see `make segmentation`)
-    python -m train.segmentation_pipeline --fine_epochs 20 --results_dir results/segmentation --readme README.md
+    python -m train.segmentation_pipeline --decoder_types linear --results_dir results/segmentation --readme README.md
 
-Protocol (every stage is `train/run_segmentation.py`, in this process):
-1. `full-token`: an MSViT segmenter with every region split (a ViT at the fine patch size with Segmenter's linear
-   decoder) from scratch: the reference whose GMACs the budgets are measured against.
+Protocol, for each of `--decoder_types` in `<output_dir>/<decoder>/` (every stage is `train/run_segmentation.py`, in
+this process):
+1. `full-token`: an MSViT segmenter with every region split (a ViT at the fine patch size with the decoder) from
+   scratch: the reference whose GMACs the budgets are measured against.
 2. `all-coarse`: the same architecture with no region split, trained from scratch for as long.
-3. The MSViT recipe of `train/msvit_recipe.py` on the full-token model: `adapt` (random splits at the target fine
-   ratio), `gate` (frozen backbone, masked softmax, budget loss), `joint` (everything, the gate's own decisions).
+3. The MSViT recipe of `train/msvit_recipe.py` on the full-token model (size-aware attention): `gate` (frozen
+   backbone; by default the counterfactual objective, whose logit regresses the measured loss drop of splitting each
+   region, `--gate_objective straight_through` for the paper's), then `joint` (everything, the gate's own layouts).
+   `--adapt_epochs N` puts the old `adapt` stage (random splits) before the gate.
 4. `full-token-matched`: the full-token model fine-tuned all fine for as many epochs, at the same learning rate, as
-   the recipe's adapt and joint stages fine-tune the MSViT's backbone, so that both have seen the same number of
-   backbone epochs. This is the reference of the target (the MSViT within 1 mIoU point of it at <= 60 % of its
-   GMACs); without it the MSViT would be compared with a model trained for less.
-5. The joint model is measured on the validation split at fixed fine ratios, at its gate threshold and at
-   `--thresholds`, all fine and all coarse, with the same weights; the other models at their own setting. The test
-   split is measured once, at the end, for the other models and the MSViT at its target budget and thresholds.
+   the recipe fine-tunes the MSViT's backbone (adapt + joint; the gate stage leaves it frozen), so that both have
+   seen the same number of backbone epochs. This is the reference of the target (the MSViT within 1 mIoU point of it
+   at <= 60 % of its GMACs); without it the MSViT would be compared with a model trained for less.
+5. The joint model is measured on the validation split at fixed fine ratios, at gate thresholds, all fine and all
+   coarse, with the same weights; the other models at their own setting. The test split is measured once, at the
+   end, for the other models and the MSViT at its target budget and thresholds.
+
+Thresholds: a counterfactual gate's split probability is `sigmoid(counterfactual_target_scale * predicted loss
+drop)`, so `--threshold_drops` gives them in nats of the per-scene loss (the mean cross-entropy over the scene's
+pixels): split a region where splitting it is predicted to lower that loss by more. Every empty region gives the gate
+the same input, hence one predicted drop; slightly positive, it makes 0 nats (the saved threshold 0.5) split them all.
+The defaults, 0.001 and 0.003 nats, were chosen before the full run on 300 validation scenes of a reduced run of this
+pipeline (2,000 training scenes, linear decoder, 2 epochs from scratch, gate 1, joint 1): its joint model predicts
+0.0004 nats for an empty region and up to 0.0096 for an item's; 0.001 splits 76 % of the item regions and no empty
+one (fine ratio 0.28), 0.003 splits 53 % (0.20). A straight-through gate is measured at split probabilities
+`--thresholds` instead.
 
 A finished stage (its `results.json` exists) is not run again, so an interrupted run continues where it stopped
-(`--overwrite` reruns everything). Writes `results.json`, `table.md`, `miou_vs_gmacs.png` and `predictions.png` to
-`--results_dir`, and with `--readme` rewrites the README's segmentation results section.
+(`--overwrite` reruns everything). Writes `results.json`, `table.md`, `miou_vs_gmacs.png` and
+`predictions-<decoder>.png` to `--results_dir`, and with `--readme` rewrites the README's segmentation results
+section.
 """
 
-import argparse
 import json
+import math
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
+from modeling_msvit import MSViTConfig
 from tools.readme import replace_section
-from train.msvit_recipe import LEARNING_RATES, msvit_stage_args
+from train.msvit_recipe import GATE_RECIPES, LEARNING_RATES, msvit_stage_args
 from train.run_segmentation import main as run_segmentation
 
 
@@ -39,45 +57,63 @@ README_START = "<!-- segmentation:start (generated by python -m train.segmentati
 README_END = "<!-- segmentation:end -->"
 GMACS_TARGET = 0.6  # MSViT at <= 60 % of the full-token model's GMACs ...
 MIOU_TARGET = 0.01  # ... within 1 mIoU point of it
+DECODERS = ("linear", "mask_transformer")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--output_dir", default="outputs/segmentation", help="Where every stage's run goes.")
-    add("--results_dir", default="outputs/segmentation/results", help="Where the results, table and figures go.")
-    add("--readme", type=Path, help="Rewrite this README's segmentation results section.")
-    add("--canvas_size", type=int, default=96, help="Side of the scenes in pixels.")
-    add("--max_train_samples", type=int, default=20000, help="Training scenes.")
-    add("--max_eval_samples", type=int, help="Validation and test scenes (fixed random subsets; default all).")
-    add("--patch_size", type=int, default=8, help="Fine patch size.")
-    add("--coarse_patch_size", type=int, default=16, help="Coarse patch size.")
-    add("--hidden_size", type=int, default=128, help="Encoder width.")
-    add("--depth", type=int, default=4, help="Encoder depth.")
-    add("--heads", type=int, default=4, help="Attention heads.")
-    add("--decoder_type", choices=("linear", "mask_transformer"), default="linear", help="Segmentation decoder.")
-    add("--target_fine_ratio", type=float, default=0.4, help="Fraction of regions the MSViT recipe aims to split.")
-    add("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.75], help="Fine ratios measured.")
-    add(
-        "--thresholds",
-        type=float,
-        nargs="*",
-        default=[0.29, 0.3],
-        help="Gate thresholds measured besides the saved one, on validation and test (the defaults were chosen on "
-        "validation: just above the split probability the gate gives an empty region).",
+@dataclass
+class SegmentationPipelineArguments:
+    output_dir: str = field(
+        default="outputs/segmentation", metadata={"help": "Where every stage's run goes (one folder per decoder)."}
     )
-    add("--fine_epochs", type=int, default=6, help="Epochs of the full-token and all-coarse models.")
-    add("--adapt_epochs", type=int, default=1, help="Epochs on random splits.")
-    add("--gate_epochs", type=int, default=1, help="Epochs of gate training (frozen backbone).")
-    add("--joint_epochs", type=int, default=3, help="Epochs of joint fine-tuning.")
-    add("--batch_size", type=int, default=64, help="Training batch size.")
-    add("--seed", type=int, default=0, help="Seed of every stage.")
-    add("--overwrite", action="store_true", help="Rerun stages that already finished.")
-    return parser.parse_args(argv)
+    results_dir: str = field(
+        default="outputs/segmentation/results", metadata={"help": "Where the results, table and figures go."}
+    )
+    readme: str | None = field(default=None, metadata={"help": "Rewrite this README's segmentation results section."})
+    canvas_size: int = field(default=96, metadata={"help": "Side of the scenes in pixels."})
+    max_train_samples: int = field(default=20000, metadata={"help": "Training scenes."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validation and test scenes (fixed random subsets; default all)."}
+    )
+    patch_size: int = field(default=8, metadata={"help": "Fine patch size."})
+    coarse_patch_size: int = field(default=16, metadata={"help": "Coarse patch size."})
+    hidden_size: int = field(default=128, metadata={"help": "Encoder width."})
+    depth: int = field(default=4, metadata={"help": "Encoder depth."})
+    heads: int = field(default=4, metadata={"help": "Attention heads."})
+    decoder_types: list[str] = field(
+        default_factory=lambda: list(DECODERS),
+        metadata={"help": "Segmentation decoders, each with all its stages.", "choices": DECODERS},
+    )
+    target_fine_ratio: float = field(
+        default=0.4, metadata={"help": "Fraction of regions the MSViT recipe aims to split."}
+    )
+    budgets: list[float] = field(
+        default_factory=lambda: [0.25, 0.4, 0.5, 0.75], metadata={"help": "Fine ratios measured."}
+    )
+    gate_objective: str = field(
+        default="counterfactual", metadata={"help": "How the gate trains.", "choices": tuple(GATE_RECIPES)}
+    )
+    threshold_drops: list[float] = field(
+        default_factory=lambda: [0.001, 0.003],
+        metadata={
+            "help": "Counterfactual gate: thresholds measured on validation and test, in nats of predicted loss drop "
+            "(split where splitting a region is predicted to lower the scene's loss by more)."
+        },
+    )
+    thresholds: list[float] = field(
+        default_factory=lambda: [0.5],
+        metadata={"help": "Straight-through gate: split-probability thresholds measured on validation and test."},
+    )
+    fine_epochs: int = field(default=6, metadata={"help": "Epochs of the full-token and all-coarse models."})
+    adapt_epochs: int = field(default=0, metadata={"help": "Epochs on random splits before the gate (0: none)."})
+    gate_epochs: int = field(default=1, metadata={"help": "Epochs of gate training (frozen backbone)."})
+    joint_epochs: int = field(default=3, metadata={"help": "Epochs of joint fine-tuning."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch size."})
+    seed: int = field(default=0, metadata={"help": "Seed of every stage."})
+    overwrite: bool = field(default=False, metadata={"help": "Rerun stages that already finished."})
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    (args,) = HfArgumentParser(SegmentationPipelineArguments).parse_args_into_dataclasses(args=argv)
     output = Path(args.output_dir)
     common = ["--canvas_size", str(args.canvas_size), "--max_train_samples", str(args.max_train_samples),
               "--per_device_train_batch_size", str(args.batch_size), "--seed", str(args.seed),
@@ -97,67 +133,90 @@ def main(argv: list[str] | None = None) -> dict:
         stage_seconds[name] = round(time.perf_counter() - start, 1)
         return results
 
-    sizes = ["--patch_size", str(args.patch_size), "--coarse_patch_size", str(args.coarse_patch_size),
-             "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.depth),
-             "--num_attention_heads", str(args.heads), "--decoder_type", args.decoder_type,
-             "--num_train_epochs", str(args.fine_epochs), "--learning_rate", "1e-3"]  # fmt: skip
-    full = stage("full-token", ["--stage", "scratch", "--split_policy", "all_fine", *sizes, "--skip_export"])
-    coarse = stage("all-coarse", ["--stage", "scratch", "--split_policy", "all_coarse", *sizes, "--skip_export"])
-    folders = {name: str(output / name) for name in ("adapt", "gate")}
-    epochs = {"adapt": args.adapt_epochs, "gate": args.gate_epochs, "joint": args.joint_epochs}
-    no_export = ["--skip_export", "--skip_test"]
-    recipe = msvit_stage_args(
-        str(output / "full-token" / "model"),
-        folders,
-        args.target_fine_ratio,
-        epochs,
-        stage_extra={"adapt": no_export, "gate": no_export},
-    )
-    trained = {name: stage(name, stage_args) for name, stage_args in recipe.items()}
-    matched_epochs = args.adapt_epochs + args.joint_epochs
-    matched = stage("full-token-matched", [
-        "--stage", "joint", "--split_policy", "all_fine", "--model_name_or_path", str(output / "full-token" / "model"),
-        "--learning_rate", LEARNING_RATES["joint"], "--num_train_epochs", str(matched_epochs), "--skip_export",
-    ])  # fmt: skip
-
-    joint_model = str(output / "joint" / "model")
-    budgets = [str(ratio) for ratio in args.budgets]
-    measure = ["--eval_only", "--model_name_or_path", joint_model, "--eval_budgets"]
-    validation = stage("budgets-validation", [*measure, *budgets, "threshold", "all_fine", "all_coarse"])
-    test = stage("budgets-test", [*measure, str(args.target_fine_ratio), "threshold", "--eval_split", "test"])
-    for threshold in args.thresholds:  # one threshold per evaluation: it is the model's
-        at_threshold = [*measure, "threshold", "--gate_threshold", str(threshold)]
-        validation.update(stage(f"threshold-{threshold}-validation", at_threshold))
-        test.update(stage(f"threshold-{threshold}-test", [*at_threshold, "--eval_split", "test"]))
-    report = {
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "stage_seconds": stage_seconds,
-        "validation": {
-            "full-token": full["validation"],
-            "full-token-matched": matched["validation"],
-            "all-coarse": coarse["validation"],
-            "msvit": validation,
-        },
-        "test": {
-            "full-token": full["test"],
-            "full-token-matched": matched["test"],
-            "all-coarse": coarse["test"],
-            "msvit": test,
-        },
-        "gate_stage_validation": trained["gate"]["validation"],
-    }
-    report["target"] = check_target(report["validation"])
+    decoders = {decoder: run_decoder(args, decoder, stage) for decoder in args.decoder_types}
+    report = {"settings": asdict(args), "stage_seconds": stage_seconds, "decoders": decoders}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     table = render_table(report)
     (results_dir / "table.md").write_text(table + "\n")
-    plot_miou_vs_gmacs(report["validation"], results_dir / "miou_vs_gmacs.png")
-    shutil.copyfile(output / "joint" / "predictions.png", results_dir / "predictions.png")
+    plot_miou_vs_gmacs(decoders, results_dir / "miou_vs_gmacs.png")
+    for decoder in decoders:
+        shutil.copyfile(output / decoder / "joint" / "predictions.png", results_dir / f"predictions-{decoder}.png")
     if args.readme:
-        update_readme(args.readme, table, results_dir)
+        update_readme(Path(args.readme), table, results_dir, list(decoders))
     print("\n" + table)
     return report
+
+
+def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[str, list[str]]:
+    """Stage name -> `train/run_segmentation.py` arguments (besides the data, batch and seed flags every stage
+    shares) of every training stage of one decoder, in running order; each in `<output_dir>/<decoder>/<stage>`."""
+    output = Path(args.output_dir) / decoder
+    sizes = ["--patch_size", str(args.patch_size), "--coarse_patch_size", str(args.coarse_patch_size),
+             "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.depth),
+             "--num_attention_heads", str(args.heads), "--decoder_type", decoder,
+             "--num_train_epochs", str(args.fine_epochs), "--learning_rate", "1e-3"]  # fmt: skip
+    scratch = ["--stage", "scratch", *sizes, "--skip_export"]
+    full_model = str(output / "full-token" / "model")
+    no_export = ["--skip_export", "--skip_test"]
+    recipe = msvit_stage_args(
+        full_model,
+        {name: str(output / name) for name in ("adapt", "gate")},
+        args.target_fine_ratio,
+        {"adapt": args.adapt_epochs, "gate": args.gate_epochs, "joint": args.joint_epochs},
+        objective=args.gate_objective,
+        stage_extra={"adapt": no_export, "gate": no_export},
+    )
+    backbone_epochs = args.adapt_epochs + args.joint_epochs  # the gate stage leaves the backbone frozen
+    matched = [
+        "--stage", "joint", "--split_policy", "all_fine", "--model_name_or_path", full_model,
+        "--learning_rate", LEARNING_RATES["joint"], "--num_train_epochs", str(backbone_epochs), "--skip_export",
+    ]  # fmt: skip
+    return {
+        "full-token": [*scratch, "--split_policy", "all_fine"],
+        "all-coarse": [*scratch, "--split_policy", "all_coarse"],
+        **recipe,
+        "full-token-matched": matched,
+    }
+
+
+def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dict:
+    """Every stage of one decoder (`stage(name, arguments)` runs or reads `<output_dir>/<name>`); its validation and
+    test rows, the gate stage's validation and the target check."""
+    trained = {
+        name: stage(f"{decoder}/{name}", stage_args) for name, stage_args in training_stages(args, decoder).items()
+    }
+    joint_model = str(Path(args.output_dir) / decoder / "joint" / "model")
+    measure = ["--eval_only", "--model_name_or_path", joint_model, "--eval_budgets"]
+    budgets = [str(ratio) for ratio in args.budgets]
+    validation = stage(f"{decoder}/budgets-validation", [*measure, *budgets, "all_fine", "all_coarse"])
+    test = stage(f"{decoder}/budgets-test", [*measure, str(args.target_fine_ratio), "--eval_split", "test"])
+    for name, probability in gate_thresholds(args, MSViTConfig.from_pretrained(joint_model)).items():
+        # one threshold per evaluation: it is the model's
+        at_threshold = [*measure, "threshold", "--gate_threshold", str(probability)]
+        for split, rows in (("validation", validation), ("test", test)):
+            (row,) = stage(f"{decoder}/{name}-{split}", [*at_threshold, "--eval_split", split]).values()
+            rows[name] = {**row, "gate_threshold": probability}
+    references = ("full-token", "full-token-matched", "all-coarse")
+    results = {
+        split: {**{name: trained[name][split] for name in references}, "msvit": rows}
+        for split, rows in (("validation", validation), ("test", test))
+    }
+    return {
+        **results,
+        "gate_stage_validation": trained["gate"]["validation"],
+        "target": check_target(results["validation"]),
+    }
+
+
+def gate_thresholds(args: SegmentationPipelineArguments, config) -> dict[str, float]:
+    """Setting name -> split-probability threshold: `threshold_drop=D` at `sigmoid(target_scale * D)` for a
+    counterfactual gate (its logit is `target_scale` times the predicted loss drop), `threshold=P` otherwise."""
+    if args.gate_objective == "counterfactual":
+        scale = config.counterfactual_target_scale
+        return {f"threshold_drop={drop}": 1 / (1 + math.exp(-scale * drop)) for drop in args.threshold_drops}
+    return {f"threshold={threshold}": threshold for threshold in args.thresholds}
 
 
 def check_target(validation: dict) -> dict:
@@ -182,125 +241,151 @@ def check_target(validation: dict) -> dict:
     }
 
 
-def setting_label(name: str) -> str:
-    """`fine_ratio=0.4` -> `fine ratio 0.4 (fixed budget)`, `threshold=0.5` -> `gate threshold 0.5`."""
+def setting_label(name: str, row: dict | None = None) -> str:
+    """`fine_ratio=0.4` -> `fine ratio 0.4 (fixed budget)`, `threshold=0.5` -> `gate threshold 0.5`,
+    `threshold_drop=0.001` -> `gate threshold: predicted loss drop > 0.001 nats (p > 0.502)`."""
+    value = name.split("=")[-1]
     if name.startswith("fine_ratio="):
-        return f"fine ratio {name.split('=')[1]} (fixed budget)"
+        return f"fine ratio {value} (fixed budget)"
+    if name.startswith("threshold_drop="):
+        probability = f" (p > {row['gate_threshold']:.3f})" if row else ""
+        return f"gate threshold: predicted loss drop > {value} nats{probability}"
     if name.startswith("threshold="):
-        return f"gate threshold {name.split('=')[1]}"
+        return f"gate threshold {value}"
     return name.replace("_", " ")
 
 
-def table_row(model: str, setting: str, row: dict, reference_gmacs: float) -> str:
+def epochs(count: int) -> str:
+    return f"{count} epoch{'s' if count != 1 else ''}"
+
+
+def decoder_label(decoder: str) -> str:
+    return decoder.replace("_", " ")
+
+
+def table_row(decoder: str, model: str, setting: str, row: dict, reference_gmacs: float) -> str:
     return (
-        f"| {model} | {setting} | {100 * row['mean_iou']:.2f} | {100 * row['pixel_accuracy']:.2f} | "
-        f"{row['gmacs']:.4f} | {100 * row['gmacs'] / reference_gmacs:.0f} % | {row['tokens']:.1f} |"
+        f"| {decoder_label(decoder)} | {model} | {setting} | {100 * row['mean_iou']:.2f} | "
+        f"{100 * row['pixel_accuracy']:.2f} | {row['gmacs']:.4f} | {100 * row['gmacs'] / reference_gmacs:.0f} % | "
+        f"{row['tokens']:.1f} |"
     )
 
 
 def render_table(report: dict) -> str:
-    settings = report["settings"]
+    settings, decoders = report["settings"], report["decoders"]
+    matched = settings["adapt_epochs"] + settings["joint_epochs"]
     lines = []
     for split in ("validation", "test"):
-        results = report[split]
-        reference = results["full-token"]["gmacs"]
-        count = results["full-token"]["num_samples"]
+        count = next(iter(decoders.values()))[split]["full-token"]["num_samples"]
         lines += [
-            f"**{split.capitalize()} split** ({count} scenes):",
+            f"**{split.capitalize()} split** ({count} scenes; GMACs relative to the same decoder's full-token model):",
             "",
-            "| model | setting | mIoU | pixel acc. | GMACs / image | GMACs vs full-token | tokens / image |",
-            "|---|---|---|---|---|---|---|",
-            table_row("full-token segmenter (ViT)", "all fine", results["full-token"], reference),
-            table_row(
-                f"full-token segmenter, +{settings['adapt_epochs'] + settings['joint_epochs']} epochs",
-                "all fine",
-                results["full-token-matched"],
-                reference,
-            ),
-            table_row("all-coarse segmenter", "all coarse", results["all-coarse"], reference),
-            *(table_row("MSViT", setting_label(name), row, reference) for name, row in results["msvit"].items()),
+            "| decoder | model | setting | mIoU | pixel acc. | GMACs / image | GMACs vs full-token | tokens / image |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for decoder, results in decoders.items():
+            results = results[split]
+            reference, matched_row = results["full-token"]["gmacs"], results["full-token-matched"]
+            lines += [
+                table_row(decoder, "full-token segmenter (ViT)", "all fine", results["full-token"], reference),
+                table_row(decoder, f"full-token segmenter, +{epochs(matched)}", "all fine", matched_row, reference),
+                table_row(decoder, "all-coarse segmenter", "all coarse", results["all-coarse"], reference),
+                *(
+                    table_row(decoder, "MSViT", setting_label(name, row), row, reference)
+                    for name, row in results["msvit"].items()
+                ),
+            ]
+        lines.append("")
+    for decoder, results in decoders.items():
+        target = results["target"]
+        cheapest = target["cheapest_within_target_drop"]
+        if cheapest is None:
+            verdict = "no MSViT setting comes within 1 mIoU point of the full-token model trained as long."
+        else:
+            setting = setting_label(cheapest["setting"], results["validation"]["msvit"][cheapest["setting"]])
+            drop = cheapest["miou_drop"]
+            verdict = (
+                f"the cheapest MSViT setting within 1 mIoU point of the full-token model trained as long is "
+                f"{setting}, at {100 * cheapest['gmacs_ratio']:.0f} % of its GMACs "
+                f"({100 * abs(drop):.2f} points {'below' if drop > 0 else 'above'} it)."
+            )
+        lines += [
+            f"{decoder_label(decoder).capitalize()} decoder, validation: {verdict} Target (≤ {100 * GMACS_TARGET:.0f} "
+            f"% of the GMACs within 1 point): {'met' if target['met'] else 'not met'}.",
             "",
         ]
-    target = report["target"]
-    cheapest = target["cheapest_within_target_drop"]
-    if cheapest is None:
-        verdict = "No MSViT setting comes within 1 mIoU point of the full-token model trained as long, on validation."
-    else:
-        verdict = (
-            f"Cheapest MSViT setting within 1 mIoU point of the full-token model trained as long (validation): "
-            f"{setting_label(cheapest['setting'])}, {100 * cheapest['gmacs_ratio']:.0f} % of its GMACs "
-            f"({100 * cheapest['miou_drop']:+.2f} points lower)."
-        )
-    verdict += (
-        f" Target (≤ {100 * GMACS_TARGET:.0f} % of the GMACs within 1 point): {'met' if target['met'] else 'not met'}."
-    )
-    lines += [
-        verdict,
-        "",
+    adapt = f"adapt {epochs(settings['adapt_epochs'])}, " if settings["adapt_epochs"] else ""
+    lines.append(
         f"Encoder ViT/{settings['patch_size']} (coarse {settings['coarse_patch_size']}), width "
-        f"{settings['hidden_size']}, depth {settings['depth']}, {settings['decoder_type']} decoder; "
-        f"{settings['max_train_samples']} training scenes; full-token and all-coarse models {settings['fine_epochs']} "
-        f"epochs, then MSViT recipe adapt/gate/joint {settings['adapt_epochs']}/{settings['gate_epochs']}/"
-        f"{settings['joint_epochs']} epochs at target fine ratio {settings['target_fine_ratio']}; the full-token "
-        f"model fine-tuned {settings['adapt_epochs'] + settings['joint_epochs']} more epochs all fine at the joint "
-        "stage's learning rate, so that its backbone has seen as many epochs as the MSViT's. GMACs per image "
-        "count the gate, the embedding, the encoder on each image's own tokens and the decoder.",
-    ]
+        f"{settings['hidden_size']}, depth {settings['depth']}; {settings['max_train_samples']} training scenes; "
+        f"full-token and all-coarse models {epochs(settings['fine_epochs'])}, then the MSViT recipe on the full-token "
+        f"model with size-aware attention: {adapt}{settings['gate_objective'].replace('_', '-')} gate "
+        f"{epochs(settings['gate_epochs'])} (frozen backbone), joint {epochs(settings['joint_epochs'])}, at target "
+        f"fine ratio {settings['target_fine_ratio']}; the full-token model fine-tuned all fine for {epochs(matched)} "
+        "more at the joint stage's learning rate, so that its backbone has seen as many epochs as the MSViT's. GMACs "
+        "per image count the gate, the embedding, the encoder on each image's own tokens and the decoder."
+    )
     return "\n".join(lines)
 
 
-def plot_miou_vs_gmacs(validation: dict, path: Path) -> None:
+def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
+    """One panel per decoder: the MSViT at its fixed budgets and thresholds, and the three reference models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fixed_ratio = {"all_coarse": 0.0, "all_fine": 1.0}
-    fixed = sorted(
-        (fixed_ratio[name] if name in fixed_ratio else float(name.split("=")[1]), row)
-        for name, row in validation["msvit"].items()
-        if not name.startswith("threshold=")
-    )
-    thresholds = [
-        (name.split("=")[1], row) for name, row in validation["msvit"].items() if name.startswith("threshold=")
-    ]
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    axis.plot([row["gmacs"] for _, row in fixed], [100 * row["mean_iou"] for _, row in fixed], "o-",
-              label="MSViT, fixed budget (fine ratio)")  # fmt: skip
-    for ratio, row in fixed:
-        axis.annotate(f"{ratio:g}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(3, -10),
-                      textcoords="offset points")  # fmt: skip
-    axis.plot([row["gmacs"] for _, row in thresholds], [100 * row["mean_iou"] for _, row in thresholds], "v",
-              color="tab:purple", label="MSViT, gate threshold")  # fmt: skip
-    for threshold, row in thresholds:
-        axis.annotate(f"t={threshold}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(-8, 6),
-                      textcoords="offset points", color="tab:purple")  # fmt: skip
-    references = (
-        ("full-token", "s", "full-token segmenter"),
-        ("full-token-matched", "D", "full-token, trained as long as MSViT"),
-        ("all-coarse", "^", "all-coarse segmenter"),
-    )
-    for name, marker, label in references:
-        row = validation[name]
-        axis.plot(row["gmacs"], 100 * row["mean_iou"], marker, markersize=9, label=label)
-    axis.axvline(GMACS_TARGET * validation["full-token"]["gmacs"], color="grey", linestyle="--", linewidth=1,
-                 label="60 % of full-token GMACs")  # fmt: skip
-    axis.set_xlabel("GMACs per image (decoder included)")
-    axis.set_ylabel("validation mIoU (%)")
-    axis.set_title("Fashion-MNIST scenes: mIoU vs compute")
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, len(decoders), figsize=(6.4 * len(decoders), 4.2), sharey=True, squeeze=False)
+    for axis, (decoder, results) in zip(axes[0], decoders.items()):
+        validation = results["validation"]
+        msvit = validation["msvit"]
+        fixed = sorted(
+            (fixed_ratio[name] if name in fixed_ratio else float(name.split("=")[1]), row)
+            for name, row in msvit.items()
+            if not name.startswith("threshold")
+        )
+        thresholds = [(name, row) for name, row in msvit.items() if name.startswith("threshold")]
+        axis.plot([row["gmacs"] for _, row in fixed], [100 * row["mean_iou"] for _, row in fixed], "o-",
+                  label="MSViT, fixed budget (fine ratio)")  # fmt: skip
+        for ratio, row in fixed:
+            axis.annotate(f"{ratio:g}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(3, -10),
+                          textcoords="offset points")  # fmt: skip
+        axis.plot([row["gmacs"] for _, row in thresholds], [100 * row["mean_iou"] for _, row in thresholds], "v",
+                  color="tab:purple", label="MSViT, gate threshold")  # fmt: skip
+        for name, row in thresholds:
+            value = name.split("=")[1]
+            text = f"Δ>{value}" if name.startswith("threshold_drop=") else f"t={value}"
+            axis.annotate(text, (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(-8, 6),
+                          textcoords="offset points", color="tab:purple")  # fmt: skip
+        references = (
+            ("full-token", "s", "full-token segmenter"),
+            ("full-token-matched", "D", "full-token, trained as long as MSViT"),
+            ("all-coarse", "^", "all-coarse segmenter"),
+        )
+        for name, marker, label in references:
+            row = validation[name]
+            axis.plot(row["gmacs"], 100 * row["mean_iou"], marker, markersize=9, label=label)
+        axis.axvline(GMACS_TARGET * validation["full-token"]["gmacs"], color="grey", linestyle="--", linewidth=1,
+                     label="60 % of full-token GMACs")  # fmt: skip
+        axis.set_xlabel("GMACs per image (decoder included)")
+        axis.set_title(f"{decoder_label(decoder)} decoder")
+    axes[0, 0].set_ylabel("validation mIoU (%)")
+    axes[0, 0].legend(fontsize=8)  # the same markers in every panel
+    figure.suptitle("Fashion-MNIST scenes: mIoU vs compute")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def update_readme(readme: Path, table: str, results_dir: Path) -> None:
+def update_readme(readme: Path, table: str, results_dir: Path, decoders: list[str]) -> None:
     relative = Path(os.path.relpath(results_dir, readme.parent)).as_posix()
-    figures = (
-        f"![mIoU vs GMACs]({relative}/miou_vs_gmacs.png)\n\n"
-        f"![Validation scenes: image, gate map, prediction, ground truth]({relative}/predictions.png)"
-    )
-    replace_section(readme, README_START, README_END, f"{table}\n\n{figures}")
+    figures = [f"![mIoU vs GMACs]({relative}/miou_vs_gmacs.png)"] + [
+        f"![Validation scenes, {decoder_label(decoder)} decoder: image, gate map, prediction, ground truth]"
+        f"({relative}/predictions-{decoder}.png)"
+        for decoder in decoders
+    ]
+    replace_section(readme, README_START, README_END, table + "\n\n" + "\n\n".join(figures))
 
 
 if __name__ == "__main__":
