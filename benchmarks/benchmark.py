@@ -12,9 +12,10 @@ weights: speed does not depend on what the weights are.
 Sections:
 * `inference`: the grid above; speed-up = ViT/16 time / model time, beside the analytic MAC speed-up of the same
   inputs (`compute_macs` / `vit_macs`) and images/s.
-* `ragged`: a batch whose images have different fine ratios (forced split masks, mean = `--ragged_mean`), on the
-  gathered path (padded to the longest image) with each attention implementation, against the fixed budget at the
-  same mean ratio: the cost of padding, and whether flex attention pays.
+* `ragged`: batches whose images have different fine ratios (forced split masks, mean = `--ragged_mean`), at each
+  precision and `--ragged_batch_sizes`, run padded (every layer on the batch padded to its longest image) and packed
+  (the layers on the active tokens only, attention per image; `config.ragged_execution`) with each of
+  `--ragged_attn`, against the fixed budget at the same mean ratio; efficiency = measured / MAC speed-up.
 * `training`: one optimizer step (forward, backward, AdamW) of the ViT/16 and of the MSViT on the masked path (all
   `1 + Nc + Nf` candidate tokens, both masked-path attentions) and on the gathered path.
 * `compiled` (with `--compile`): the fixed-budget MSViT and the ViT/16 under `torch.compile(fullgraph=True)`.
@@ -63,7 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--min_cell_seconds", type=float, default=3.0, help="Repeat a cell until its timed repetitions last this.")
     add("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads (CPU).")
     add("--device", default="cpu")
-    add("--ragged_batch_size", type=int, default=32)
+    add("--ragged_batch_sizes", type=int, nargs="+", default=[8, 32, 64])
+    add(
+        "--ragged_attn",
+        nargs="+",
+        choices=("eager", "sdpa", "flex_attention"),
+        default=["sdpa", "eager"],
+        help="attn_implementation of the ragged batches.",
+    )
     add("--ragged_mean", type=float, default=0.5, help="Mean fine ratio of the ragged batch (spread +-0.25).")
     add("--train_batch_size", type=int, default=16)
     add(
@@ -218,49 +226,60 @@ def ragged_split_mask(batch_size: int, num_coarse: int, mean: float, generator: 
     return ranks < (ratios[:, None] * num_coarse).round()
 
 
+def configured_runner(
+    model, attn_implementation: str, ragged_execution: str | None, run: Callable[[], object]
+) -> Callable[[], object]:
+    """`run` with the model switched to this attention implementation (and ragged execution) first."""
+
+    def run_configured():
+        model.set_attn_implementation(attn_implementation)
+        if ragged_execution is not None:
+            model.config.ragged_execution = ragged_execution
+        return run()
+
+    return run_configured
+
+
 def bench_ragged(args, models, timer: Timer) -> list[dict]:
     msvit = models["msvit"]
     num_coarse = msvit.config.coarse_grid_size[0] * msvit.config.coarse_grid_size[1]
-    generator = torch.Generator().manual_seed(args.seed)
-    batch_size = args.ragged_batch_size
-    pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
-    split_mask = ragged_split_mask(batch_size, num_coarse, args.ragged_mean, generator).to(args.device)
-    counts = token_counts(split_mask, msvit.config.scale_ratio)
-
-    def with_attention(model, implementation: str, run: Callable[[], object]) -> Callable[[], object]:
-        def run_with():
-            model.set_attn_implementation(implementation)
-            return run()
-
-        return run_with
-
-    runners = {
-        "vit16": with_attention(models["vit16"], "sdpa", inference_runner(models["vit16"], pixel_values, nullcontext)),
-        "budget": with_attention(msvit, "sdpa", budget_runner(msvit, pixel_values, nullcontext, args.ragged_mean)),
-    }
-    for implementation in ("sdpa", "eager", "flex_attention"):
-        run = inference_runner(msvit, pixel_values, nullcontext, split_mask=split_mask)
-        runners[implementation] = with_attention(msvit, implementation, run)
-    # one untimed call each (flex attention compiles its mask kernels on the first); the budget run's token counts
-    outputs = {name: runner() for name, runner in tqdm(runners.items(), desc="ragged warm-up", unit="path")}
-    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
     vit_macs = vit_macs_per_image(models)["vit16"]
-    macs = {"vit16": vit_macs, "budget": msvit_macs_per_image(msvit, outputs["budget"].token_counts)}
     records = []
-    for name in runners:
-        path = {"vit16": "vit16", "budget": "fixed budget"}.get(name, "ragged")
-        mac = macs[name] if name in macs else msvit_macs_per_image(msvit, counts)
-        records.append(
-            {
-                "batch_size": batch_size,
-                "path": path,
-                "attn": "sdpa" if name in macs else name,
-                "tokens_min": int(counts.min()),
-                "tokens_max": int(counts.max()),
-                "tokens_mean": counts.float().mean().item(),
-            }
-            | summarise(seconds[name], batch_size, seconds["vit16"], mac, vit_macs)
-        )
+    cells = [(dtype, size) for dtype in args.dtypes for size in args.ragged_batch_sizes]
+    for dtype, batch_size in tqdm(cells, desc="ragged", unit="cell"):
+        generator = torch.Generator().manual_seed(args.seed)
+        pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
+        split_mask = ragged_split_mask(batch_size, num_coarse, args.ragged_mean, generator).to(args.device)
+        counts = token_counts(split_mask, msvit.config.scale_ratio)
+        autocast = autocast_for(dtype, args.device)
+        vit_run = inference_runner(models["vit16"], pixel_values, autocast)
+        budget_run = budget_runner(msvit, pixel_values, autocast, args.ragged_mean)
+        runners = {
+            ("vit16", "sdpa"): configured_runner(models["vit16"], "sdpa", None, vit_run),
+            ("fixed budget", "sdpa"): configured_runner(msvit, "sdpa", None, budget_run),
+        }
+        ragged_run = inference_runner(msvit, pixel_values, autocast, split_mask=split_mask)
+        for attn in args.ragged_attn:
+            for execution in ("padded", "packed"):
+                runners[(execution, attn)] = configured_runner(msvit, attn, execution, ragged_run)
+        # one untimed call each (flex attention compiles its kernels for new shapes); the budget run's token counts
+        budget_counts = {key: runner() for key, runner in runners.items()}[("fixed budget", "sdpa")].token_counts
+        seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
+        macs = {"vit16": vit_macs, "fixed budget": msvit_macs_per_image(msvit, budget_counts)}
+        ragged_macs = msvit_macs_per_image(msvit, counts)
+        for (path, attn), values in seconds.items():
+            records.append(
+                {
+                    "dtype": dtype,
+                    "batch_size": batch_size,
+                    "path": path,
+                    "attn": attn,
+                    "tokens_min": int(counts.min()),
+                    "tokens_max": int(counts.max()),
+                    "tokens_mean": counts.float().mean().item(),
+                }
+                | summarise(values, batch_size, seconds[("vit16", "sdpa")], macs.get(path, ragged_macs), vit_macs)
+            )
     return records
 
 

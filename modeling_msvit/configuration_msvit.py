@@ -10,6 +10,7 @@ GATE_TYPES = ("learned", "entropy", "std")
 GATE_OBJECTIVES = ("counterfactual", "straight_through")
 COUNTERFACTUAL_LAYOUTS = ("gate", "uniform")
 TOKEN_PATHS = ("masked", "gathered")
+RAGGED_EXECUTIONS = ("packed", "padded")
 MASKED_PATH_ATTENTIONS = ("key_mask", "masked_softmax")
 GATE_LOSSES = ("gbas", "bas", "ratio")
 DECODER_TYPES = ("linear", "mask_transformer")
@@ -102,6 +103,15 @@ class MSViTConfig(PreTrainedConfig):
         train_token_path (`str`, *optional*, defaults to `"masked"`):
             Execution path in training: `"masked"` (all candidate tokens, inactive ones masked out of attention) or
             `"gathered"` (only active tokens, padded per batch). Inference always uses the gathered path.
+        ragged_execution (`str`, *optional*, defaults to `"packed"`):
+            How an inference batch whose images have different token counts (threshold mode, forced decisions) runs
+            on the gathered path. `"packed"`: layer norms, projections and MLPs run on the batch's active tokens as
+            one `(total_tokens, hidden_size)` matrix, and attention per image: with SDPA on CPU one call per image,
+            otherwise on the batch padded to its longest image under the same mask. `"padded"`: every layer runs on
+            the padded batch. Both give the same outputs in the same format (padded per image, with `token_mask`);
+            packed skips the padding's share of the compute. Training, the fixed budget and batches whose images all
+            have the same count are not packed (there is no padding to skip). On a CPU shared with other busy
+            processes, the many small per-image attention calls can make `"padded"` faster.
         masked_path_attention (`str`, *optional*, defaults to `"key_mask"`):
             How the masked path hides inactive tokens: `"key_mask"` (a boolean key mask; inactive tokens are also
             multiplied by 0, so the gate hears only from the alternative it chose) or `"masked_softmax"` (DynamicViT's
@@ -192,6 +202,7 @@ class MSViTConfig(PreTrainedConfig):
     gate_threshold: float = 0.5
     fine_ratio_budget: float | int | None = None
     train_token_path: str = "masked"
+    ragged_execution: str = "packed"
     masked_path_attention: str = "key_mask"
     gate_objective: str = "counterfactual"
     counterfactual_flips: int = 1
@@ -298,6 +309,7 @@ class MSViTConfig(PreTrainedConfig):
             ("gate_objective", self.gate_objective, GATE_OBJECTIVES),
             ("counterfactual_layouts", self.counterfactual_layouts, COUNTERFACTUAL_LAYOUTS),
             ("train_token_path", self.train_token_path, TOKEN_PATHS),
+            ("ragged_execution", self.ragged_execution, RAGGED_EXECUTIONS),
             ("masked_path_attention", self.masked_path_attention, MASKED_PATH_ATTENTIONS),
             ("gate_loss_type", self.gate_loss_type, GATE_LOSSES),
             ("decoder_type", self.decoder_type, DECODER_TYPES),

@@ -146,6 +146,46 @@ def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, dim).index_select(0, rows.flatten()).unflatten(0, index.shape)
 
 
+def packed_token_rows(token_counts: torch.Tensor, length: int, total: int) -> torch.Tensor:
+    """Rows of every image's tokens in a padded batch flattened to `(B * L, D)`, image after image: `(total,)` long.
+
+    Each image's tokens lead its padded sequence (positions `0 ... count - 1`: CLS, then the gathered layout), so
+    `padded.flatten(0, 1).index_select(0, rows)` packs the batch into `(total, D)` with no padding.
+
+    Args:
+        token_counts: `(B,)` long, tokens per image (CLS included).
+        length: `L`, the padded length.
+        total: `token_counts.sum()`, read on the host by the caller: it sizes the result without another host
+            synchronisation.
+    """
+    batch_size = token_counts.shape[0]
+    starts = token_counts.cumsum(0) - token_counts
+    # packed row t of image b sits at b * L + (t - starts[b])
+    shift = torch.arange(batch_size, device=token_counts.device) * length - starts
+    return torch.arange(total, device=token_counts.device) + shift.repeat_interleave(token_counts, output_size=total)
+
+
+def padded_token_rows(token_counts: torch.Tensor, length: int) -> torch.Tensor:
+    """The packed row each position of the padded batch reads: `(B, L)` long, the inverse of `packed_token_rows`.
+
+    Padding positions read their image's last token, so that padding a packed `(total, D)` tensor is one gather
+    (`gather_tokens(packed, rows)`) that never mixes images; what they hold is masked out of attention.
+    """
+    starts = token_counts.cumsum(0) - token_counts
+    positions = torch.arange(length, device=token_counts.device)
+    return starts[:, None] + torch.minimum(positions[None, :], token_counts[:, None] - 1)
+
+
+def length_buckets(token_counts: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Indices of images grouped into batches of at most `batch_size` images of similar token counts.
+
+    For inference whose order does not matter (evaluation): a ragged batch pays attention at the length of its
+    longest image, so batches of similar lengths waste the least. The indices are sorted by count (stable) and cut
+    into consecutive batches; `torch.cat(buckets).argsort()` restores the original order.
+    """
+    return list(token_counts.argsort(stable=True).split(batch_size))
+
+
 def fine_cell_candidates(coarse_grid: tuple[int, int], ratio: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For every fine grid cell in raster order, its own fine candidate and its coarse parent: two `(Hf * Wf,)` long
     tensors of candidate indices."""
@@ -241,6 +281,9 @@ __all__ = [
     "gather_tokens",
     "gathered_token_index",
     "group_fine_grid",
+    "length_buckets",
+    "packed_token_rows",
+    "padded_token_rows",
     "patchify",
     "pool_fine_grid",
     "token_cell_counts",

@@ -17,7 +17,8 @@ def run(tmp_path_factory):
     readme = output / "README.md"
     readme.write_text(f"# Title\n\n{README_START}\nold table\n{README_END}\n\n## Next\n")
     argv = ["--image_size", "64", "--batch_sizes", "1", "2", "--dtypes", "fp32", "--attn", "sdpa"]
-    argv += ["--warmup", "0", "--repeats", "1", "--min_cell_seconds", "0", "--ragged_batch_size", "4"]
+    argv += ["--warmup", "0", "--repeats", "1", "--min_cell_seconds", "0", "--ragged_batch_sizes", "4"]
+    argv += ["--ragged_attn", "sdpa", "eager", "flex_attention"]
     argv += ["--train_batch_size", "2"]
     argv += ["--sections", "inference", "ragged", "training", "--output_dir", str(output), "--readme", str(readme)]
     benchmark.main(argv)
@@ -43,10 +44,17 @@ def test_records_token_counts_and_mac_ratios_of_every_forced_fine_ratio(run):
         assert len(row["seconds_all"]) == 1
     # all fine: the gate, the gather and the head cost a little more than the ViT/16
     assert rows[-1]["mac_speedup_vs_vit16"] < 1.0 < rows[0]["mac_speedup_vs_vit16"]
-    ragged = {row["attn"]: row for row in results["ragged"] if row["path"] == "ragged"}
-    assert set(ragged) == {"sdpa", "eager", "flex_attention"}
-    # four images spread over ratios 0.25 ... 0.75 of 4 regions: 1 ... 3 splits
-    assert (ragged["sdpa"]["tokens_min"], ragged["sdpa"]["tokens_max"]) == (8, 14)
+    ragged = {(row["path"], row["attn"]): row for row in results["ragged"]}
+    attentions = ("sdpa", "eager", "flex_attention")
+    assert list(ragged) == [("vit16", "sdpa"), ("fixed budget", "sdpa")] + [
+        (path, attn) for attn in attentions for path in ("padded", "packed")
+    ]
+    for row in ragged.values():
+        # four images spread over ratios 0.25 ... 0.75 of 4 regions: 1 ... 3 splits
+        assert (row["dtype"], row["batch_size"], row["tokens_min"], row["tokens_max"]) == ("fp32", 4, 8, 14)
+        assert row["efficiency"] == pytest.approx(row["speedup_vs_vit16"] / row["mac_speedup_vs_vit16"])
+    # packed and padded run the same tokens: the same MACs, below the ViT/16's
+    assert ragged[("packed", "sdpa")]["mac_speedup_vs_vit16"] == ragged[("padded", "sdpa")]["mac_speedup_vs_vit16"] > 1
     assert [row["path"] for row in results["training"]] == [
         "vit16",
         "masked (key mask)",
@@ -60,6 +68,7 @@ def test_records_token_counts_and_mac_ratios_of_every_forced_fine_ratio(run):
 def test_writes_table_plot_and_the_readme_section(run):
     table = (run / "table.md").read_text()
     assert "| 2 |" in table and "MSViT 0.5" in table and "**Targets**" in table
+    assert "| fp32 | 4 | packed | flex_attention |" in table and "| fp32 | 4 | padded | sdpa |" in table
     assert (run / "speedup.png").stat().st_size > 10_000
     readme = (run / "README.md").read_text()
     assert "old table" not in readme and table in readme
@@ -90,6 +99,12 @@ def test_targets_name_the_worst_cell_and_whether_it_is_met():
             inference_row(1, 0.75, 0.99, 1.25),  # slower than the ViT/16
         ],
         "training": [{"path": "masked (key mask)", "attn": "sdpa", "time_vs_vit16": 1.25}],
+        "ragged": [
+            {"dtype": "bf16", "path": "packed", "attn": "sdpa", "batch_size": 8, "efficiency": 0.93},
+            {"dtype": "bf16", "path": "packed", "attn": "sdpa", "batch_size": 32, "efficiency": 0.88},
+            {"dtype": "bf16", "path": "padded", "attn": "sdpa", "batch_size": 32, "efficiency": 0.70},  # not a target
+            {"dtype": "bf16", "path": "packed", "attn": "eager", "batch_size": 32, "efficiency": 0.50},  # nor this
+        ],
     }
     targets = {target["target"].split(":")[0]: target for target in check_targets(results)}
     efficiency = targets["batch >= 8, fine ratio 0.25-0.75"]
@@ -97,3 +112,5 @@ def test_targets_name_the_worst_cell_and_whether_it_is_met():
     assert targets["batch 1, fine ratio 1"]["measured"] == "1.040 x" and targets["batch 1, fine ratio 1"]["met"]
     assert not targets["batch 1, fine ratio <= 0.75"]["met"]
     assert targets["training step, masked (key mask), all tokens"]["met"]
+    ragged = targets["ragged batch >= 8, packed"]
+    assert (ragged["dtype"], ragged["measured"], ragged["met"]) == ("bf16", "worst 0.88 (batch 32)", False)

@@ -357,9 +357,9 @@ def test_fixed_budget_sequence_length_is_static(config, pixel_values, monkeypatc
 
     monkeypatch.setattr(modeling_msvit, "gathered_token_index", recording)
     model = MSViTForImageClassification(config).eval()
-    model(pixel_values)
+    counts = model(pixel_values).token_counts
     model.config.fine_ratio_budget = 0.5
     outputs = model.msvit(pixel_values)
-    # threshold mode pads to the longest image (found from the data); budget mode knows the length beforehand
-    assert lengths == [None, NUM_COARSE + 3 * 8]
+    # threshold mode pads to the longest image (read from the data; CLS excluded); budget mode knows it beforehand
+    assert lengths == [int(counts.max()) - 1, NUM_COARSE + 3 * 8]
     assert outputs.token_mask.all() and outputs.last_hidden_state.shape[1] == 1 + NUM_COARSE + 3 * 8
