@@ -15,6 +15,9 @@ Evaluation uses the fixed budget (`--fine_ratio_budget`): every image gets exact
 the ones with the highest gate logits.
 """
 
+import math
+
+
 # How a learned gate trains under each objective, as MSViT config fields: counterfactual region flips on the gathered
 # path, or the paper's straight-through estimator on the masked path with the masked softmax and the weighted budget
 # loss. `gate_study.py` and the demo build models from these; the scripts get them as flags (`gate_training_args`).
@@ -30,6 +33,12 @@ GATE_RECIPES = {
 }
 GATE_LEARNING_RATES = {"counterfactual": 1e-2, "straight_through": 1e-3}
 LEARNING_RATES = {"adapt": "2e-4", "joint": "2e-4"}
+
+
+def predicted_drop_threshold(config, drop: float) -> float:
+    """The split-probability threshold of a counterfactual gate that splits where the predicted loss drop exceeds
+    `drop` nats: its logit is `counterfactual_target_scale` times the predicted drop."""
+    return 1 / (1 + math.exp(-config.counterfactual_target_scale * drop))
 
 
 def budget_args(ratio: float) -> list[str]:

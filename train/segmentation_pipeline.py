@@ -38,7 +38,6 @@ section.
 """
 
 import json
-import math
 import os
 import shutil
 import time
@@ -49,7 +48,7 @@ from transformers import HfArgumentParser
 
 from modeling_msvit import MSViTConfig
 from tools.readme import replace_section
-from train.msvit_recipe import GATE_RECIPES, LEARNING_RATES, msvit_stage_args
+from train.msvit_recipe import GATE_RECIPES, LEARNING_RATES, msvit_stage_args, predicted_drop_threshold
 from train.run_segmentation import main as run_segmentation
 
 
@@ -214,8 +213,7 @@ def gate_thresholds(args: SegmentationPipelineArguments, config) -> dict[str, fl
     """Setting name -> split-probability threshold: `threshold_drop=D` at `sigmoid(target_scale * D)` for a
     counterfactual gate (its logit is `target_scale` times the predicted loss drop), `threshold=P` otherwise."""
     if args.gate_objective == "counterfactual":
-        scale = config.counterfactual_target_scale
-        return {f"threshold_drop={drop}": 1 / (1 + math.exp(-scale * drop)) for drop in args.threshold_drops}
+        return {f"threshold_drop={drop}": predicted_drop_threshold(config, drop) for drop in args.threshold_drops}
     return {f"threshold={threshold}": threshold for threshold in args.thresholds}
 
 
