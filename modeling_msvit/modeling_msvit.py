@@ -353,12 +353,16 @@ class MSViTEmbeddings(nn.Module):
             return topk_split_mask(split_logits, self.num_split_in_budget(split_logits.shape[1]))
         return split_probs > self.config.gate_threshold
 
-    def predict_split_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The inference decisions `(B, Nc)` for these images from the gate alone, without embedding any token."""
+    def predict_split_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The gate's split logits `(B, Nc)` for these images, without embedding any token."""
         height, width = pixel_values.shape[-2:]
         num_coarse = (height // self.config.coarse_patch_size) * (width // self.config.coarse_patch_size)
         coarse_patches = candidate_patches(pixel_values, self.patch_size, self.ratio)[:, :num_coarse]
-        split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
+        return self.gate(self.gate_inputs(pixel_values, coarse_patches))
+
+    def predict_split_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The inference decisions `(B, Nc)` for these images from the gate alone."""
+        split_logits = self.predict_split_logits(pixel_values)
         return self.inference_split_mask(split_logits, torch.sigmoid(split_logits))
 
     def num_split_in_budget(self, num_coarse: int) -> int:

@@ -98,9 +98,8 @@ def forced_layouts(
     if not uniform_density:
         return forced_split_mask(split_policy, len(pixel_values), grid, fine_ratio or 0.0)
     if split_policy == "gate":
-        with torch.no_grad():  # the gate's scores; all-coarse keeps the forward pass short
-            all_coarse = torch.zeros(len(pixel_values), grid[0] * grid[1], dtype=torch.bool)
-            scores = model(pixel_values=pixel_values, split_mask=all_coarse).split_logits
+        with torch.no_grad():  # the gate's scores, from the gate alone
+            scores = model.base_model.embeddings.predict_split_logits(pixel_values)
     else:
         scores = policy_scores(split_policy, len(pixel_values), grid)
     return uniform_density_split_mask(scores)
@@ -192,10 +191,7 @@ def evaluate_split_policy(
 
 @torch.no_grad()
 def split_probabilities(model: torch.nn.Module, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """`(N, Nc)` split probabilities of an MSViT's gate (the encoder runs on all-coarse layouts: the shortest)."""
+    """`(N, Nc)` split probabilities of an MSViT's gate, from the gate alone."""
     model.eval()
-    num_coarse = model.config.coarse_grid_size[0] * model.config.coarse_grid_size[1]
-    return torch.cat([
-        model(pixel_values=batch, split_mask=torch.zeros(len(batch), num_coarse, dtype=torch.bool)).split_probs
-        for batch in pixel_values.split(batch_size)
-    ])  # fmt: skip
+    gate_logits = model.base_model.embeddings.predict_split_logits
+    return torch.cat([torch.sigmoid(gate_logits(batch)) for batch in pixel_values.split(batch_size)])
