@@ -37,7 +37,7 @@ from tools.readme import replace_section
 from train.data import load_classification_splits
 from train.evaluation import interleaved_images_per_second, processed_pixel_values
 from train.gate_study import GateStudyArguments, gate_path, group_rows, run_study, summary_table
-from train.gate_training import content_regions
+from train.gate_training import content_regions, split_rates
 from train.msvit_recipe import GATE_RECIPES, budget_args, gate_training_args
 from train.reporting import gate_maps
 from train.run_classification import main as run_classification
@@ -232,8 +232,7 @@ def measure_on_test(names: list[str], args: EvidenceArguments) -> dict[str, dict
         if getattr(model.config, "model_type", None) == "msvit":
             content = content_regions(inputs[name], model.config.coarse_patch_size)
             splits = torch.cat([model(batch).split_mask for batch in inputs[name].split(256)])
-            measured[name]["split_rate_content"] = splits[content].float().mean().item()
-            measured[name]["split_rate_empty"] = splits[~content].float().mean().item()
+            measured[name].update(split_rates(splits, content))
     return measured
 
 

@@ -152,7 +152,6 @@ def evaluate_split_policy(
     config = model.config
     content = content_regions(pixel_values, config.coarse_patch_size)
     item = content if item_regions is None else item_regions
-    clutter = content & ~item
     saved_budget = (config.fine_ratio_budget, config.gate_threshold)
     if policy == "gate" and (fine_ratio, threshold) != (None, None):
         model.set_budget(fine_ratio=fine_ratio, threshold=threshold)
@@ -176,17 +175,27 @@ def evaluate_split_policy(
     finally:
         config.fine_ratio_budget, config.gate_threshold = saved_budget
     counts, splits = torch.cat(token_counts), torch.cat(split_masks)
-    measured = {
+    return {
         "accuracy": correct / len(labels),
         "gmacs": model.compute_macs(counts).double().mean().item() / 1e9,
         "tokens": counts.double().mean().item(),
         "fine_ratio": splits.float().mean().item(),
+        **split_rates(splits, content, item),
+    }
+
+
+def split_rates(splits: torch.Tensor, content: torch.Tensor, item: torch.Tensor | None = None) -> dict[str, float]:
+    """How often `(N, Nc)` decisions split the item's regions (`split_rate_content`; `item` defaults to every region
+    with `content`), empty regions, and, when there is any, clutter (content outside the item)."""
+    item = content if item is None else item
+    clutter = content & ~item
+    rates = {
         "split_rate_content": splits[item].float().mean().item(),
         "split_rate_empty": splits[~content].float().mean().item(),
     }
     if clutter.any():
-        measured["split_rate_clutter"] = splits[clutter].float().mean().item()
-    return measured
+        rates["split_rate_clutter"] = splits[clutter].float().mean().item()
+    return rates
 
 
 @torch.no_grad()
