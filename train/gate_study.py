@@ -244,11 +244,10 @@ class GateStudy:
         """Frozen rows of a learned gate at each ratio; returns the gate's model when any row was missing."""
         kind = kind or objective
         ratios = ratios or self.args.ratios
-        names = {ratio: row_name(kind, "frozen", ratio_budget(ratio), seed) for ratio in ratios}
-        thresholds = [row_name(kind, "frozen", f"threshold={t}", seed) for t in self.args.thresholds]
-        if not self.missing(
-            [*names.values(), *(thresholds if objective == "counterfactual" and not overrides else [])]
-        ):
+        # the thresholds are the counterfactual gate's own rows, not its ablations'
+        with_thresholds = objective == "counterfactual" and not overrides
+        names, thresholds = self.gate_row_names(kind, "frozen", ratios, seed, with_thresholds)
+        if not self.missing([*names.values(), *thresholds]):
             return None
         # a straight-through gate trains towards its budget, a counterfactual one serves every budget
         model = self.trained_gate(kind, objective, seed, self.trained_ratios(objective, ratios), **overrides)
@@ -256,6 +255,14 @@ class GateStudy:
             if name not in self.rows:
                 self.record(name, model, value=ratio, kind=kind, tuning="frozen", budget="ratio", seed=seed)
         return model
+
+    def gate_row_names(
+        self, kind: str, tuning: str, ratios: list[float], seed: int, with_thresholds: bool
+    ) -> tuple[dict[float, str], list[str]]:
+        """A learned gate's row names: one per fine ratio, and one per threshold when it is measured at thresholds."""
+        names = {ratio: row_name(kind, tuning, ratio_budget(ratio), seed) for ratio in ratios}
+        thresholds = [row_name(kind, tuning, f"threshold={t}", seed) for t in self.args.thresholds]
+        return names, thresholds if with_thresholds else []
 
     @staticmethod
     def trained_ratios(objective: str, ratios: list[float]) -> list[float] | None:
@@ -325,9 +332,8 @@ class GateStudy:
     def finetuned_gate(self, objective: str, seed: int, ratios: list[float], **overrides) -> None:
         """The frozen rows' gate, then the whole model fine-tuned with the gate's own objective."""
         tuning = "fine-tuned"
-        names = {ratio: row_name(objective, tuning, ratio_budget(ratio), seed) for ratio in ratios}
-        thresholds = [row_name(objective, tuning, f"threshold={t}", seed) for t in self.args.thresholds]
-        if not self.missing([*names.values(), *(thresholds if objective == "counterfactual" else [])]):
+        names, thresholds = self.gate_row_names(objective, tuning, ratios, seed, objective == "counterfactual")
+        if not self.missing([*names.values(), *thresholds]):
             return
         gate = self.trained_gate(objective, objective, seed, self.trained_ratios(objective, ratios), **overrides)
         model = self.finetuned(gate, seed, f"fine-tune {objective}")
@@ -365,7 +371,7 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 
 
 def throughput_of(row: dict, throughput: dict) -> str:
-    key = {"all_fine": "all_fine", "all_coarse": "all_coarse"}.get(row["kind"])
+    key = row["kind"] if row["kind"] in FIXED_POLICIES else None
     if row["budget"] == "ratio":
         key = "entropy|ratio=0.5" if row["kind"] == "entropy" and row["value"] == 0.5 else ratio_budget(row["value"])
     return f"{throughput[key]:.2f}x" if key in throughput else "-"
