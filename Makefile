@@ -1,15 +1,21 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
-# Both create .venv on first use and install the pinned dependencies from requirements.txt.
+# Both create .venv on first use, install the pinned dependencies from requirements.txt and this repository as an
+# editable package (`modeling_msvit` and the `msvit` namespace), so that every command runs on the checkout's code.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-requirements
+REQUIREMENTS := $(VENV)/.installed-requirements
+STAMP  := $(VENV)/.installed-msvit
 
 .PHONY: demo test lint data photo-demo evidence segmentation benchmark clean
 
-$(STAMP): requirements.txt
+$(REQUIREMENTS): requirements.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
+	touch $(REQUIREMENTS)
+
+$(STAMP): $(REQUIREMENTS) pyproject.toml
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $(STAMP)
 
 # Fashion-MNIST from the Debian package dataset-fashion-mnist (MIT): the real data of the training scripts.
@@ -24,7 +30,7 @@ $(FASHION_MNIST):
 # The main job (about 10 minutes on 2 CPU cores): ViT backbone -> every split policy on it, frozen -> the same
 # fine-tuning for all fine and the best gate -> report and Hub export.
 demo: $(STAMP) data
-	HF_HUB_OFFLINE=1 $(PYTHON) -m train.pipeline
+	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.pipeline
 
 test: $(STAMP) data
 	$(PYTHON) -m ruff check .
@@ -34,15 +40,15 @@ test: $(STAMP) data
 # A conversion, Hub export and gate map on real photos (seconds), and the evidence runs (many hours; resumable, it
 # rewrites the README's evidence section from results/evidence).
 photo-demo: $(STAMP) data
-	HF_HUB_OFFLINE=1 $(PYTHON) -m tools.demo
+	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.photo_demo
 
 evidence: $(STAMP) data
-	HF_HUB_OFFLINE=1 $(PYTHON) -m train.evidence --output_dir results/evidence --readme README.md
+	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.evidence --output_dir results/evidence --readme README.md
 
 # Semantic segmentation on Fashion-MNIST scenes: full-token and all-coarse segmenters, the MSViT recipe, mIoU vs GMACs
 # at several budgets, both decoders (2 to 2.5 hours on 2 CPU cores; resumable by stage); rewrites the README's section.
 segmentation: $(STAMP) data
-	HF_HUB_OFFLINE=1 $(PYTHON) -m train.segmentation_pipeline --results_dir results/segmentation --readme README.md
+	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.segmentation_pipeline --results_dir results/segmentation --readme README.md
 
 # MSViT vs ViT/16 and ViT/32 speed, side by side (about 5 minutes on 2 CPU cores); rewrites the README's section.
 benchmark: $(STAMP)

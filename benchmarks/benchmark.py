@@ -41,7 +41,7 @@ from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.configuration_msvit import VIT_CONFIG_FIELDS
 from modeling_msvit.macs_msvit import vit_macs_for_config
 from modeling_msvit.mixed_scale_tokens import token_counts
-from tools.presets import load_preset, preset_names
+from msvit.configuration import load_preset, preset_names
 
 from .report import check_targets, plot_speedups, update_readme, write_table
 

@@ -1,4 +1,4 @@
-"""Entry point of `tests/test_distributed.py`: `train.run_classification.main` under torchrun, unchanged, with an
+"""Entry point of `tests/test_distributed.py`: `msvit.train.run_classification.main` under torchrun, unchanged, with an
 `Accelerator` subclass that makes every rank write what it holds to `<output_dir>/rank_checksums/rank<i>.json`.
 
     torchrun --nproc_per_node 2 tests/distributed_entry.py --stage scratch ... --output_dir DIR
@@ -24,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script, sys.path[0] is tests/
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from train import run_classification  # noqa: E402
+from msvit.train import run_classification  # noqa: E402
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

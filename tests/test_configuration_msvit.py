@@ -3,7 +3,7 @@ import json
 import pytest
 
 from modeling_msvit import MSViTConfig
-from tools.presets import load_preset, preset_names, preset_path
+from msvit.configuration import load_preset, preset_names, preset_path
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests of the training data layer (`train.data`): IDX parsing, Fashion-MNIST, translated canvases, splits,
+"""Tests of the training data layer (`msvit.train.data`): IDX parsing, Fashion-MNIST, translated canvases, splits,
 imagefolder / Hub-style loading and transforms. The real-data tests need the Debian package `dataset-fashion-mnist`."""
 
 import gzip
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import ViTImageProcessorPil
 
-from train.data import (
+from msvit.train.data import (
     CLUTTER_FRAGMENT_SIZE,
     CLUTTER_FRAGMENTS,
     CLUTTER_SEEDS,

@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor
 
 from modeling_msvit import MSViTForImageClassification
-from train.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, collate_fn, load_classification_splits, make_transforms
+from msvit.train.data import (
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    collate_fn,
+    load_classification_splits,
+    make_transforms,
+)
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTForImageClassification
+from msvit.train.gate_training import content_regions, evaluate_split_policy, forced_layouts
+from msvit.train.split_policies import centre_prior_order, policy_scores, uniform_density_split_mask
 from tests.test_train_classification import needs_data
-from train.gate_training import content_regions, evaluate_split_policy, forced_layouts
-from train.split_policies import centre_prior_order, policy_scores, uniform_density_split_mask
 
 
 def test_content_regions_and_split_rates_by_hand(config):
@@ -79,7 +79,7 @@ def test_uniform_density_layouts_follow_the_policy_order(config):
 
 @needs_data
 def test_gate_study_runs_resumes_and_rewrites_the_readme(tmp_path):
-    from train.gate_study import README_END, README_START, main
+    from msvit.experiments.gate_study import README_END, README_START, main
 
     torch.set_num_threads(1)
     backbone = tiny_backbone(tmp_path)
@@ -127,7 +127,7 @@ def test_gate_study_runs_resumes_and_rewrites_the_readme(tmp_path):
 
 @needs_data
 def test_gate_study_on_the_cluttered_bench_reports_clutter(tmp_path):
-    from train.gate_study import main
+    from msvit.experiments.gate_study import main
 
     torch.set_num_threads(1)
     rows = main([

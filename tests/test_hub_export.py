@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation
+from msvit.tools.export import MODELING_FILES, export_hub_folder, image_processor_for
 from tests.conftest import tiny_config
-from tools.export import MODELING_FILES, export_hub_folder, image_processor_for
 
 
 FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoModelForSemanticSegmentation"}

@@ -4,7 +4,7 @@ from transformers import ViTConfig
 
 from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.macs_msvit import encoder_macs, mlp_macs, vit_macs, vit_macs_for_config
-from tools.presets import load_preset
+from msvit.configuration import load_preset
 
 
 def test_vit_reference_figures():

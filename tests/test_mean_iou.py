@@ -1,11 +1,11 @@
-"""Tests of the local `evaluate` mean-IoU metric (`metrics/mean_iou`), loaded by `train.metrics.load_metric`."""
+"""Tests of the local `evaluate` mean-IoU metric (`metrics/mean_iou`), loaded by `msvit.metrics.load_metric`."""
 
 import datasets
 import numpy as np
 import pytest
 import torch
 
-from train.metrics import load_metric, metric_path
+from msvit.metrics import load_metric, metric_path
 
 
 # 3 x 4 masks, 4 classes (class 3 appears nowhere), two ignored reference pixels whose predictions are wrong.

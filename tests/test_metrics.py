@@ -1,19 +1,21 @@
-"""Tests of the local `evaluate` accuracy metric (`metrics/accuracy`) and its loader `train.metrics`."""
+"""Tests of the local `evaluate` accuracy metric (`metrics/accuracy`) and its loader `msvit.metrics`."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from train.metrics import METRICS_DIR, REPO_ROOT, load_metric, make_compute_metrics, metric_path
+from msvit.metrics import METRICS_DIR, load_metric, make_compute_metrics, metric_path
 
 
 PREDICTIONS = [0, 1, 2, 0, 3, 3]
 REFERENCES = [0, 1, 1, 1, 3, 2]  # correct: positions 0, 1, 4
 WEIGHTS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,7 @@ def test_loads_offline_by_path_from_another_directory(tmp_path):
     """A fresh process, offline, in an unrelated working directory, with an empty modules cache."""
     script = (
         "import json, sys, evaluate\n"
-        "sys.path.insert(0, sys.argv[1])\n"
-        "from train.metrics import load_metric, metric_path\n"
+        "from msvit.metrics import load_metric, metric_path\n"
         "by_path = evaluate.load(str(metric_path('accuracy')))\n"
         "by_name = load_metric('accuracy')\n"
         "kwargs = dict(predictions=[0, 1, 2, 0], references=[0, 1, 1, 1])\n"
@@ -88,8 +89,6 @@ def test_loads_offline_by_path_from_another_directory(tmp_path):
     }
     work_dir = tmp_path / "elsewhere"
     work_dir.mkdir()
-    completed = subprocess.run(
-        [sys.executable, "-c", script, str(REPO_ROOT)], cwd=work_dir, env=env, capture_output=True, text=True
-    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=work_dir, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout.strip().splitlines()[-1]) == [{"accuracy": 0.5}, {"accuracy": 0.5}]

@@ -22,10 +22,10 @@ from modeling_msvit.mixed_scale_tokens import (
     token_counts,
     tokens_to_grid,
 )
+from msvit.configuration import load_preset
 from tests.conftest import tiny_config
 from tests.test_fast_paths import images, make_gate_decisive
 from tests.test_size_aware_attention import ragged_layouts
-from tools.presets import load_preset
 
 
 def paired_models(model_class, **overrides):

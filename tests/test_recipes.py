@@ -1,6 +1,7 @@
-"""Training recipes (`configuration/training/`, `train.recipes`) and Accelerate launch configs
-(`configuration/accelerate/`): every file loads, the recipes' arguments are accepted by `train.run_classification`,
-and each Accelerate config gives the environment `accelerate launch` would hand to the script."""
+"""Training recipes (`configuration/training/`, `msvit.train.recipes`) and Accelerate launch configs
+(`configuration/accelerate/`): every file loads, the recipes' arguments are accepted by
+`msvit.train.run_classification`, and each Accelerate config gives the environment `accelerate launch` would hand
+to the script."""
 
 import json
 import subprocess
@@ -17,12 +18,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy
 from transformers import ViTConfig, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
+from msvit.experiments.segmentation_pipeline import SegmentationPipelineArguments, training_stages
+from msvit.train.msvit_recipe import msvit_stage_args
+from msvit.train.recipes import RecipeError, load_recipe, recipe_to_args
+from msvit.train.run_classification import parse_args
+from msvit.train.run_segmentation import parse_args as parse_segmentation_args
 from tests.conftest import tiny_config
-from train.msvit_recipe import msvit_stage_args
-from train.recipes import RecipeError, load_recipe, recipe_to_args
-from train.run_classification import parse_args
-from train.run_segmentation import parse_args as parse_segmentation_args
-from train.segmentation_pipeline import SegmentationPipelineArguments, training_stages
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,7 @@ def test_recipe_arguments_are_accepted_by_the_training_script(path):
 
 @pytest.mark.parametrize("stage", ["gate", "joint"])
 def test_yaml_recipes_are_the_python_msvit_recipe(stage):
-    """The YAML files and train/msvit_recipe.py (used by train.evidence) train the same way."""
+    """The YAML files and train/msvit_recipe.py (used by msvit.experiments.evidence) train the same way."""
     folders = {"gate": "outputs/translated-fmnist-gate"}
     backbone = "outputs/translated-fmnist-backbone-fine/model"
     stage_extra = {"gate": ["--coarse_patch_size", "16"]}
@@ -139,9 +140,9 @@ def test_yaml_recipes_are_the_python_msvit_recipe(stage):
 
 @pytest.mark.parametrize("stage", ["fine", "gate", "joint"])
 def test_segmentation_yaml_recipes_are_the_pipeline_stages(stage):
-    """The segmentation YAML files train as `make segmentation` (train/segmentation_pipeline.py at its defaults, linear
-    decoder) does: the same arguments but for the folders, the pipeline's export and test switches and the YAML's
-    checkpoints."""
+    """The segmentation YAML files train as `make segmentation` (experiments/segmentation_pipeline.py at its defaults,
+    linear decoder) does: the same arguments but for the folders, the pipeline's export and test switches and the
+    YAML's checkpoints."""
     stages = training_stages(SegmentationPipelineArguments(), "linear")
     assert list(stages) == ["full-token", "all-coarse", "gate", "joint", "full-token-matched"]  # no adapt stage
     pipeline_stage = {"fine": "full-token", "gate": "gate", "joint": "joint"}[stage]
@@ -194,12 +195,16 @@ def test_bad_recipes_are_rejected_with_the_key(recipe, message):
 def test_recipes_command_line(tmp_path):
     path = TRAINING_DIR / "translated-fmnist-backbone-fine.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "train.recipes", str(path)], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "msvit.train.recipes", str(path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.split() == load_recipe(path)
     (tmp_path / "spaces.yaml").write_text("dataset: imagefolder:/data/my images\n")
     result = subprocess.run(
-        [sys.executable, "-m", "train.recipes", str(tmp_path / "spaces.yaml")],
+        [sys.executable, "-m", "msvit.train.recipes", str(tmp_path / "spaces.yaml")],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -213,9 +218,9 @@ def test_recipes_command_line(tmp_path):
 
 def launch_environment(config_file: Path, *cli: str) -> tuple[object, dict[str, str]]:
     """The parsed arguments and the environment `accelerate launch --config_file <config_file> <cli> -m
-    train.run_classification` would start the script with (nothing is started)."""
+    msvit.train.run_classification` would start the script with (nothing is started)."""
     args = launch_command_parser().parse_args(
-        ["--config_file", str(config_file), *cli, "-m", "train.run_classification", "--stage", "scratch"]
+        ["--config_file", str(config_file), *cli, "-m", "msvit.train.run_classification", "--stage", "scratch"]
     )
     args, _, _ = _validate_launch_command(args)
     if args.use_fsdp or args.multi_gpu:

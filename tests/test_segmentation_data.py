@@ -1,4 +1,4 @@
-"""Tests of the segmentation data layer (`train.segmentation_data`): scene layout and masks, splits, Hub-style
+"""Tests of the segmentation data layer (`msvit.train.segmentation_data`): scene layout and masks, splits, Hub-style
 loading and transforms. The real-data test needs the Debian package `dataset-fashion-mnist`."""
 
 import gzip
@@ -11,9 +11,8 @@ import pytest
 import torch
 from transformers import SegformerImageProcessorPil
 
-from tests.test_data import NUM_TINY, requires_real_data
-from train.data import FASHION_MNIST_FILES, load_classification_splits, load_fashion_mnist_arrays
-from train.segmentation_data import (
+from msvit.train.data import FASHION_MNIST_FILES, load_classification_splits, load_fashion_mnist_arrays
+from msvit.train.segmentation_data import (
     FOREGROUND_THRESHOLD,
     IGNORE_INDEX,
     SCENE_CLASSES,
@@ -27,6 +26,7 @@ from train.segmentation_data import (
     scene_layout,
     segmentation_collate_fn,
 )
+from tests.test_data import NUM_TINY, requires_real_data
 
 
 def unique_items(num: int, offset: int = 0) -> np.ndarray:

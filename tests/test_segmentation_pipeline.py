@@ -6,10 +6,8 @@ import math
 
 import pytest
 
-import train.run_segmentation
 from modeling_msvit import MSViTConfig
-from tests.test_data import requires_real_data
-from train.segmentation_pipeline import (
+from msvit.experiments.segmentation_pipeline import (
     README_END,
     README_START,
     SegmentationPipelineArguments,
@@ -17,6 +15,8 @@ from train.segmentation_pipeline import (
     gate_thresholds,
     main,
 )
+from msvit.train import run_segmentation
+from tests.test_data import requires_real_data
 
 
 TINY = [
@@ -65,8 +65,8 @@ def test_gate_thresholds_are_predicted_loss_drops_for_a_counterfactual_gate():
 @requires_real_data
 def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_path, monkeypatch):
     # every stage reads the same scenes: compose them once
-    loader = functools.cache(train.run_segmentation.load_segmentation_splits)
-    monkeypatch.setattr(train.run_segmentation, "load_segmentation_splits", loader)
+    loader = functools.cache(run_segmentation.load_segmentation_splits)
+    monkeypatch.setattr(run_segmentation, "load_segmentation_splits", loader)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nPLACEHOLDER\n{README_END}\noutro\n")
     output, results_dir = tmp_path / "runs", tmp_path / "results"

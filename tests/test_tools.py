@@ -5,14 +5,15 @@ from PIL import Image
 from transformers import ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
+from msvit.experiments import photo_demo
+from msvit.tools import export
+from msvit.tools.gate_map import render_gate_map
 from tests.conftest import tiny_vit_config
-from tools import demo, export
-from tools.gate_map import render_gate_map
 
 
 def test_demo_writes_gate_maps_report_and_a_reloadable_hub_folder(tmp_path):
-    report = demo.main(["--output", str(tmp_path), "--budgets", "0.5"])
-    assert {row["image"] for row in report["images"]} == set(demo.PHOTOS)
+    report = photo_demo.main(["--output", str(tmp_path), "--budgets", "0.5"])
+    assert {row["image"] for row in report["images"]} == set(photo_demo.PHOTOS)
     for row in report["images"]:
         assert row["tokens"] == 1 + 49 + 3 * row["split_regions"]
         assert (tmp_path / "gate_maps" / f"{row['image']}.png").is_file()

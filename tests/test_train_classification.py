@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
-from train.data import FASHION_MNIST_DIR
-from train.run_classification import main
-from train.split_policies import centre_prior_order, forced_split_mask
+from msvit.train.data import FASHION_MNIST_DIR
+from msvit.train.run_classification import main
+from msvit.train.split_policies import centre_prior_order, forced_split_mask
 
 
 needs_data = pytest.mark.skipif(
@@ -126,7 +126,7 @@ def test_centre_prior_and_random_policies():
 
 @needs_data
 def test_pipeline_writes_a_consistent_report(tmp_path):
-    from train.pipeline import main as pipeline
+    from msvit.experiments.pipeline import main as pipeline
 
     torch.set_num_threads(1)
     report = pipeline(
@@ -154,7 +154,7 @@ def test_pipeline_writes_a_consistent_report(tmp_path):
 
 @needs_data
 def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(tmp_path, capsys):
-    from train.evidence import main as evidence
+    from msvit.experiments.evidence import main as evidence
 
     torch.set_num_threads(1)
     tiny = ["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "32", "--hidden_size",

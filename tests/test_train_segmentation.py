@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation, MSViTModel
+from msvit.metrics import load_metric
+from msvit.train.data import FASHION_MNIST_DIR
+from msvit.train.evaluation import evaluate_segmenter
+from msvit.train.run_segmentation import build_model, main, parse_args, training_inputs
+from msvit.train.segmentation_data import scene_label_maps
 from tests.conftest import tiny_config, tiny_vit_config
-from train.data import FASHION_MNIST_DIR
-from train.evaluation import evaluate_segmenter
-from train.metrics import load_metric
-from train.run_segmentation import build_model, main, parse_args, training_inputs
-from train.segmentation_data import scene_label_maps
 
 
 needs_data = pytest.mark.skipif(

@@ -4,7 +4,7 @@ objective) is what the Trainer optimises. (The counterfactual objective's Traine
 `test_counterfactual_trainer.py`.)
 
 The data is an `imagefolder` written here: 32x32 images of a textured square at a random place, red for one class and
-blue for the other, loaded through `train.data` and scored by `train.metrics`.
+blue for the other, loaded through `msvit.train.data` and scored by `msvit.metrics`.
 
 The budget test starts both runs from the same model, saved with its gate at a 0.75 fine ratio, and fine-tunes it
 towards `target_fine_ratio=0.25`: with the gate loss the gate ends near 0.25, with `gate_loss_weight=0` it stays where
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, ViTImageProcessorPil
 
 from modeling_msvit import MSViTConfig, MSViTForImageClassification
-from train.data import class_names, collate_fn, load_classification_splits, make_transforms
-from train.metrics import make_compute_metrics
+from msvit.metrics import make_compute_metrics
+from msvit.train.data import class_names, collate_fn, load_classification_splits, make_transforms
 
 
 IMAGE_SIZE = 32
@@ -162,7 +162,7 @@ def test_trainer_keeps_the_gate_budget(start_dir, data, tmp_path):
     )
     assert abs(probability - TARGET_FINE_RATIO) < TOLERANCE, report
     assert abs(control_probability - TARGET_FINE_RATIO) > abs(probability - TARGET_FINE_RATIO) + 2 * TOLERANCE, report
-    # the task itself is learnt in both runs, scored by train.metrics through the Trainer
+    # the task itself is learnt in both runs, scored by msvit.metrics through the Trainer
     assert metrics["eval_accuracy"] >= 0.75 and control_metrics["eval_accuracy"] >= 0.75
 
 

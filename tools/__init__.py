@@ -1,1 +1,1 @@
-"""Repository tools around the Hub package: presets, Hub export, gate maps and the demo (not uploaded to the Hub)."""
+"""Tools around the Hub package (`msvit.tools`): Hub export, gate maps, README sections (not uploaded to the Hub)."""

@@ -1,10 +1,12 @@
 """Write a Hub-ready MSViT folder: safetensors weights, config with a complete `auto_map`, the flat modeling files,
 `preprocessor_config.json` and a model card.
 
-    python -m tools.export --preset msvit-tiny --output outputs/msvit-tiny-hub
-    python -m tools.export --model path/to/msvit --output outputs/msvit-hub
-    python -m tools.export --from-vit path/to/vit --output outputs/msvit-from-vit --coarse-patch-size 32
-    python -m tools.export --preset msvit-tiny --task semantic-segmentation --num-labels 11 --output outputs/seg-hub
+    python -m msvit.tools.export --preset msvit-tiny --output outputs/msvit-tiny-hub
+    python -m msvit.tools.export --model path/to/msvit --output outputs/msvit-hub
+    python -m msvit.tools.export --from-vit path/to/vit --output outputs/msvit-from-vit \
+        --coarse-patch-size 32
+    python -m msvit.tools.export --preset msvit-tiny --task semantic-segmentation --num-labels 11 \
+        --output outputs/seg-hub
 
 The folder loads anywhere with `AutoModelForImageClassification` (or `AutoModelForSemanticSegmentation`)
 `.from_pretrained(folder, trust_remote_code=True)` and `pipeline("image-classification" | "image-segmentation",
@@ -32,7 +34,7 @@ from modeling_msvit import (
 )
 from modeling_msvit.configuration_msvit import AUTO_MAP
 from modeling_msvit.macs_msvit import vit_macs_for_config
-from tools.presets import load_preset
+from msvit.configuration import load_preset
 
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"

@@ -1,1 +1,2 @@
-"""Training pipeline for MSViT: data loading (`train.data`) and metrics (`train.metrics`)."""
+"""The training library (`msvit.train`): data, the training loop, evaluation, gate training, and the two training
+scripts `run_classification` and `run_segmentation`."""

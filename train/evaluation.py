@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from modeling_msvit.macs_msvit import vit_macs_for_config
-from train.data import make_transforms
-from train.split_policies import forced_split_mask
+from msvit.train.data import make_transforms
+from msvit.train.split_policies import forced_split_mask
 
 
 def is_msvit(model: torch.nn.Module) -> bool:

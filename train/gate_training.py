@@ -1,9 +1,10 @@
 """Gate training and evaluation of split policies on a frozen backbone, on in-memory image tensors.
 
-The typed entry points behind the gate study (`train/gate_study.py`) and the demo (`train/pipeline.py`): many gates
-are trained on the same backbone and the same images, so the images are processed once and every model goes through
-the same loop. Training goes through the model's own forward with labels (`model(pixel_values, labels).loss`), as
-`Trainer` and `train/run_classification.py --stage gate` do: the loss already holds the gate objective.
+The typed entry points behind the gate study (`experiments/gate_study.py`) and the demo (`experiments/pipeline.py`):
+many gates are trained on the same backbone and the same images, so the images are processed once and every model goes
+through the same loop. Training goes through the model's own forward with labels
+(`model(pixel_values, labels).loss`), as `Trainer` and `train/run_classification.py --stage gate` do: the loss already
+holds the gate objective.
 """
 
 import math
@@ -13,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from train.evaluation import processed_pixel_values
-from train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
-from train.training_loop import freeze_all_but_gate
+from msvit.train.evaluation import processed_pixel_values
+from msvit.train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
+from msvit.train.training_loop import freeze_all_but_gate
 
 
 @dataclass
@@ -44,11 +45,12 @@ def train_on_tensors(
     """Train an MSViT classifier through its own loss (`model(pixel_values, labels).loss`); returns every step's loss.
 
     `gate_only` freezes everything but the gate (a rule gate then has nothing to train and the model is returned
-    unchanged); otherwise every parameter trains (fine-tuning). `split_policy` (see `train.split_policies`) forces the
-    decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT path; with `uniform_density` every image
-    instead splits a uniformly random number of regions in the policy's order (`random`, `centre`, or `gate`: the
-    model's own split logits, for a training-free gate), so one fine-tuning serves every budget. Every step re-seeds
-    torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible. The model is left in eval mode.
+    unchanged); otherwise every parameter trains (fine-tuning). `split_policy` (see `msvit.train.split_policies`)
+    forces the decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT path; with `uniform_density`
+    every image instead splits a uniformly random number of regions in the policy's order (`random`, `centre`, or
+    `gate`: the model's own split logits, for a training-free gate), so one fine-tuning serves every budget. Every step
+    re-seeds torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible. The model is left in eval
+    mode.
     """
     if gate_only:
         freeze_all_but_gate(model)
@@ -142,7 +144,7 @@ def evaluate_split_policy(
 
     `policy`: `"gate"` (the model's own gate, at the fixed budget `fine_ratio` or the `threshold`, or its saved
     budget/threshold when both are None), `"content"` (split exactly the item's regions: the oracle), or one of
-    `train.split_policies` (`random`, `centre`, `all_fine`, `all_coarse`; random masks from `seed`).
+    `msvit.train.split_policies` (`random`, `centre`, `all_fine`, `all_coarse`; random masks from `seed`).
 
     `item_regions` `(N, Nc)` bool marks the regions that hold the item (default: every region with content, right
     for clean canvases); content elsewhere is clutter (`split_rate_clutter`, reported when there is any).

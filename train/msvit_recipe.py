@@ -9,7 +9,7 @@
 
 An `adapt` stage (fine-tuning the converted ViT on random splits before the gate) is kept as an option,
 `epochs["adapt"] > 0`: it made up for the missing size-aware attention bias, and the gate study measures whether it
-still pays (`train/gate_study.py`).
+still pays (`experiments/gate_study.py`).
 
 Evaluation uses the fixed budget (`--fine_ratio_budget`): every image gets exactly `round(ratio * N_c)` split regions,
 the ones with the highest gate logits.

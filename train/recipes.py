@@ -8,9 +8,10 @@ A recipe is a mapping from flag names without the leading dashes to values (`con
     no_hflip: true        # a boolean: true gives the bare flag `--no_hflip`, false (or null) leaves it out
 
 `load_recipe(path)` returns the arguments (`["--stage", "backbone", "--patch_size", "8", ...]`), and
-`python -m train.recipes FILE` prints them on one line for the shell:
+`python -m msvit.train.recipes FILE` prints them on one line for the shell:
 
-    python -m train.run_classification $(python -m train.recipes configuration/training/x.yaml) --output_dir out
+    python -m msvit.train.run_classification $(python -m msvit.train.recipes configuration/training/x.yaml) \
+        --output_dir out
 
 Arguments given after the recipe's win (argparse keeps the last value of a flag), so a recipe is a set of defaults.
 This module imports nothing heavy, so that the `$(...)` above costs no time.
@@ -83,7 +84,7 @@ def load_recipe(path: str | Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m train.recipes FILE\n\n{__doc__.split(chr(10) + chr(10))[0]}", file=sys.stderr)
+        print(f"usage: python -m msvit.train.recipes FILE\n\n{__doc__.split(chr(10) + chr(10))[0]}", file=sys.stderr)
         return 2
     try:
         args = load_recipe(argv[0])
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     unsafe = [arg for arg in args if not SHELL_SAFE.fullmatch(arg)]
     if unsafe:
         print(
-            f"error: {argv[0]}: value(s) {unsafe} would not survive `$(python -m train.recipes ...)` word splitting; "
-            "use train.recipes.load_recipe from Python instead.",
+            f"error: {argv[0]}: value(s) {unsafe} would not survive `$(python -m msvit.train.recipes ...)` word "
+            "splitting; use msvit.train.recipes.load_recipe from Python instead.",
             file=sys.stderr,
         )
         return 1

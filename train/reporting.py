@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from tools.export import TASKS, export_hub_folder, task_of
-from tools.gate_map import render_gate_map, side_by_side
-from train.evaluation import upsampled_argmax
+from msvit.tools.export import TASKS, export_hub_folder, task_of
+from msvit.tools.gate_map import render_gate_map, side_by_side
+from msvit.train.evaluation import upsampled_argmax
 
 
 COMPUTE_COLUMNS = (

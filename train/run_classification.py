@@ -10,11 +10,11 @@ Stages (`--stage`):
 - `scratch`: an MSViT trained end to end from random weights.
 `--split_policy random|centre|all_coarse|all_fine` replaces the gate's decisions (baselines).
 
-    python -m train.run_classification --stage backbone --dataset translated_fashion_mnist --patch_size 8 \
+    python -m msvit.train.run_classification --stage backbone --dataset translated_fashion_mnist --patch_size 8 \
         --output_dir outputs/vit-fine
-    python -m train.run_classification --stage gate --model_name_or_path outputs/vit-fine/model \
+    python -m msvit.train.run_classification --stage gate --model_name_or_path outputs/vit-fine/model \
         --dataset translated_fashion_mnist --learning_rate 1e-2 --fine_ratio_budget 0.5 --output_dir outputs/msvit-gate
-    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m train.run_classification ...
+    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m msvit.train.run_classification ...
 
 Writes to `--output_dir`: `metrics.jsonl` (one JSON object per log step and evaluation), `checkpoints/step_N/`
 (`accelerator.save_state`, resumable with `--resume_from_checkpoint`), `model/` (weights and image processor),
@@ -37,11 +37,11 @@ from transformers import (
 )
 
 from modeling_msvit import MSViTConfig, MSViTForImageClassification
-from train.data import class_names, collate_fn, load_classification_splits, make_transforms
-from train.evaluation import evaluate_classifier, forced_split_kwargs, is_msvit
-from train.metrics import load_metric
-from train.reporting import export_trained_msvit
-from train.training_loop import (
+from msvit.metrics import load_metric
+from msvit.train.data import class_names, collate_fn, load_classification_splits, make_transforms
+from msvit.train.evaluation import evaluate_classifier, forced_split_kwargs, is_msvit
+from msvit.train.reporting import export_trained_msvit
+from msvit.train.training_loop import (
     TrainingRun,
     accelerator_kwargs,
     add_bookkeeping_arguments,

@@ -12,12 +12,12 @@ Stages (`--stage`):
   everything but the gate and its gBaS priors, and train them with the segmentation loss + gate loss.
 - `joint`: fine-tune a whole segmenter (or a converted model) at a low learning rate.
 
-    python -m train.run_segmentation --stage scratch --split_policy all_fine --output_dir outputs/seg-fine
-    python -m train.run_segmentation --stage gate --model_name_or_path outputs/seg-fine/model \
+    python -m msvit.train.run_segmentation --stage scratch --split_policy all_fine --output_dir outputs/seg-fine
+    python -m msvit.train.run_segmentation --stage gate --model_name_or_path outputs/seg-fine/model \
         --target_fine_ratio 0.5 --output_dir outputs/seg-gate
-    python -m train.run_segmentation --eval_only --model_name_or_path outputs/seg-gate/model \
+    python -m msvit.train.run_segmentation --eval_only --model_name_or_path outputs/seg-gate/model \
         --eval_budgets 0.25 0.5 0.75 threshold all_fine all_coarse --output_dir outputs/seg-gate-budgets
-    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m train.run_segmentation ...
+    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m msvit.train.run_segmentation ...
 
 The defaults (96 px canvases, 8 / 16 px patches, width 128, depth 4, linear decoder) train in minutes on two CPU
 cores; `--canvas_size`, `--image_size`, the width flags and `--decoder_type mask_transformer` scale it up.
@@ -40,17 +40,17 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoImageProcessor, SegformerImageProcessorPil
 
 from modeling_msvit import MSViTConfig, MSViTForSemanticSegmentation
-from tools.export import image_processor_for
-from train.evaluation import evaluate_segmenter, forced_split_kwargs
-from train.metrics import load_metric
-from train.reporting import export_trained_segmenter
-from train.segmentation_data import (
+from msvit.metrics import load_metric
+from msvit.tools.export import image_processor_for
+from msvit.train.evaluation import evaluate_segmenter, forced_split_kwargs
+from msvit.train.reporting import export_trained_segmenter
+from msvit.train.segmentation_data import (
     load_segmentation_splits,
     make_segmentation_transforms,
     scene_label_maps,
     segmentation_collate_fn,
 )
-from train.training_loop import (
+from msvit.train.training_loop import (
     TrainingRun,
     accelerator_kwargs,
     add_bookkeeping_arguments,

@@ -11,7 +11,7 @@ with an `image` column (PIL image) and a `label` column (PIL image, mode "L": th
   (`compose_scenes`). Mask: 0 = background, `1 + class` where the item's intensity exceeds `FOREGROUND_THRESHOLD`,
   and `IGNORE_INDEX` (255) on the one-pixel band either side of every label boundary, where the label of an
   anti-aliased edge pixel is a matter of taste. Train and validation scenes are built from disjoint items of the
-  60,000 training images (the validation items are the validation carve of `train.data`, 5,000 by default), test
+  60,000 training images (the validation items are the validation carve of `msvit.train.data`, 5,000 by default), test
   scenes from the 10,000 test images; each split has a fixed seed (`SCENE_SEEDS`), so every model sees the same
   validation and test scenes.
 - any other string: a Hub data set id (or a local data set folder) loaded with `datasets.load_dataset`, e.g.
@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 import torch
 
-from train.data import (
+from msvit.train.data import (
     FASHION_MNIST_CLASSES,
     VALIDATION_SPLIT_NAMES,
     _image_column,
@@ -236,8 +236,8 @@ def scene_label_maps() -> tuple[dict[int, str], dict[str, int]]:
 def scene_item_split(labels: np.ndarray, validation_items: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training images whose items go to train scenes and to validation scenes (disjoint, sorted).
 
-    The validation items are exactly the validation split of `train.data.train_validation_split` for the same labels,
-    size and seed (stratified by class), i.e. the images that the classification scripts hold out.
+    The validation items are exactly the validation split of `msvit.train.data.train_validation_split` for the same
+    labels, size and seed (stratified by class), i.e. the images that the classification scripts hold out.
     """
     features = datasets.Features(
         {"index": datasets.Value("int64"), "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))}

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from train.evaluation import is_msvit
-from train.recipes import load_recipe
-from train.split_policies import SPLIT_POLICIES
+from msvit.train.evaluation import is_msvit
+from msvit.train.recipes import load_recipe
+from msvit.train.split_policies import SPLIT_POLICIES
 
 
 MSVIT_OVERRIDES = (

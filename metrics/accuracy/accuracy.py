@@ -2,7 +2,7 @@
 
     import evaluate
 
-    accuracy = evaluate.load("/path/to/repo/metrics/accuracy")  # or train.metrics.load_metric("accuracy")
+    accuracy = evaluate.load("/path/to/repo/metrics/accuracy")  # or msvit.metrics.load_metric("accuracy")
     accuracy.compute(predictions=[0, 1, 1], references=[0, 1, 0])  # {"accuracy": 0.666...}
 
 `evaluate.load("accuracy")` needs the Hub; this module is a from-scratch equivalent that needs nothing but numpy.

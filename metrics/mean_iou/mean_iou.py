@@ -2,7 +2,7 @@
 
     import evaluate
 
-    mean_iou = evaluate.load("/path/to/repo/metrics/mean_iou")  # or train.metrics.load_metric("mean_iou")
+    mean_iou = evaluate.load("/path/to/repo/metrics/mean_iou")  # or msvit.metrics.load_metric("mean_iou")
     mean_iou.add_batch(predictions=logits.argmax(1), references=labels)  # (batch, height, width) each
     mean_iou.compute(num_labels=11, ignore_index=255)
 

@@ -1,7 +1,8 @@
-"""Evaluation metrics for the training scripts, loaded offline from the repository's `metrics/` folder.
+"""Evaluation metrics for the training scripts, loaded offline from this package (`msvit.metrics`).
 
 `evaluate.load("accuracy")` fetches the metric from the Hub; `load_metric("accuracy")` loads the local copy in
-`metrics/accuracy/accuracy.py` by absolute path, so it works offline and from any working directory.
+`metrics/accuracy/accuracy.py` by absolute path, so it works offline, from any working directory and from an
+installed package.
 
 Available metrics (one folder each under `metrics/`):
 
@@ -17,8 +18,7 @@ import evaluate
 import numpy as np
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-METRICS_DIR = REPO_ROOT / "metrics"
+METRICS_DIR = Path(__file__).resolve().parent
 
 
 def metric_path(name: str) -> Path:

@@ -1,6 +1,6 @@
 """The main job on the embedded default: an MSViT (untrained gate) end to end on real photos.
 
-    python -m tools.demo [--preset msvit-tiny] [--output outputs/demo]
+    python -m msvit.experiments.photo_demo [--preset msvit-tiny] [--output outputs/demo]
 
 For each of scikit-image's `astronaut`, `coffee`, `chelsea` and `rocket` photos: the gate's decisions, the token
 count, the MACs against a ViT/16 of the same size, and a gate-map PNG. Then the model is exported as a Hub folder,
@@ -19,9 +19,9 @@ from PIL import Image
 from skimage import data
 
 from modeling_msvit import MSViTForImageClassification
-from tools.export import compute_summary, export_hub_folder, image_processor_for, remote_code_logits
-from tools.gate_map import render_gate_map, side_by_side
-from tools.presets import load_preset
+from msvit.configuration import load_preset
+from msvit.tools.export import compute_summary, export_hub_folder, image_processor_for, remote_code_logits
+from msvit.tools.gate_map import render_gate_map, side_by_side
 
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")

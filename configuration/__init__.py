@@ -1,11 +1,15 @@
-"""Named model presets stored as `config.json`-style files in `configuration/models/`."""
+"""The project's configuration files, shipped with the package (`msvit.configuration`) and found from it:
+named model presets (`models/*.json`, `config.json`-style), training recipes (`training/*.yaml`) and Accelerate
+configurations (`accelerate/*.yaml`)."""
 
 from pathlib import Path
 
 from modeling_msvit import MSViTConfig
 
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configuration" / "models"
+CONFIGURATION_DIR = Path(__file__).resolve().parent
+PRESETS_DIR = CONFIGURATION_DIR / "models"
+RECIPES_DIR = CONFIGURATION_DIR / "training"
 
 
 def preset_names() -> list[str]:

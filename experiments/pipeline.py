@@ -1,8 +1,8 @@
 """The main job (`make demo`): a ViT, then MSViT's split policies on it frozen, then the same short fine-tuning for
 the full-token model and the best gate; accuracy, GMACs and throughput side by side. Translated Fashion-MNIST 64x64.
 
-    python -m train.pipeline                     # the embedded default: under 10 minutes on 2 idle CPU cores
-    python -m train.pipeline --max_train_samples 55000 --backbone_epochs 20 --hidden_size 128
+    python -m msvit.experiments.pipeline  # the embedded default: under 10 minutes on 2 idle CPU cores
+    python -m msvit.experiments.pipeline --max_train_samples 55000 --backbone_epochs 20 --hidden_size 128
 
 1. `backbone`: a transformers `ViTForImageClassification` at the fine patch size, from scratch
    (`train/run_classification.py --stage backbone`). A backbone trained beforehand is reused.
@@ -28,14 +28,14 @@ from transformers import AutoImageProcessor, HfArgumentParser, ViTForImageClassi
 
 from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.macs_msvit import vit_macs_for_config
-from tools.export import export_hub_folder
-from train.data import load_classification_splits
-from train.evaluation import interleaved_images_per_second
-from train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
-from train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES
-from train.reporting import gate_maps
-from train.run_classification import main as run_classification
-from train.split_policies import forced_split_mask
+from msvit.tools.export import export_hub_folder
+from msvit.train.data import load_classification_splits
+from msvit.train.evaluation import interleaved_images_per_second
+from msvit.train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
+from msvit.train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES
+from msvit.train.reporting import gate_maps
+from msvit.train.run_classification import main as run_classification
+from msvit.train.split_policies import forced_split_mask
 
 
 DATASET = "translated_fashion_mnist"
