@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from skimage import data
 
 from modeling_msvit import MSViTForImageClassification
 from msvit.configuration import load_preset
@@ -38,6 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_photos() -> list[Image.Image]:
+    try:
+        from skimage import data  # the photos ship inside scikit-image, an optional dependency
+    except ImportError as error:
+        raise ImportError(
+            "The photo demo reads its photos from scikit-image: pip install 'msvit[experiments]'."
+        ) from error
+    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     output = Path(args.output)
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_preset(args.preset)
     model = MSViTForImageClassification(config).eval()
     processor = image_processor_for(config)
-    images = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    images = load_photos()
     pixel_values = processor(images=images, return_tensors="pt").pixel_values
 
     start = time.perf_counter()
