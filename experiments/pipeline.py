@@ -34,7 +34,7 @@ from msvit.train.evaluation import interleaved_images_per_second
 from msvit.train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
 from msvit.train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES
 from msvit.train.reporting import gate_maps
-from msvit.train.run_classification import main as run_classification
+from msvit.train.run_classification import ClassificationArguments, train_classifier
 from msvit.train.split_policies import forced_split_mask
 
 
@@ -64,14 +64,24 @@ class PipelineArguments:
 def train_backbone(args: PipelineArguments, folder: Path) -> Path:
     """The ViT backbone (reused when `folder` already holds a finished run)."""
     if not (folder / "results.json").is_file():
-        run_classification([
-            "--stage", "backbone", "--dataset", DATASET, "--patch_size", str(args.patch_size),
-            "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.depth),
-            "--num_attention_heads", str(args.heads), "--num_train_epochs", str(args.backbone_epochs),
-            "--learning_rate", "1e-3", "--max_train_samples", str(args.max_train_samples),
-            "--max_eval_samples", str(args.max_eval_samples), "--per_device_train_batch_size", str(args.batch_size),
-            "--seed", str(args.seed), "--logging_steps", "20", "--output_dir", str(folder),
-        ])  # fmt: skip
+        train_classifier(
+            ClassificationArguments(
+                stage="backbone",
+                dataset=DATASET,
+                patch_size=args.patch_size,
+                hidden_size=args.hidden_size,
+                num_hidden_layers=args.depth,
+                num_attention_heads=args.heads,
+                num_train_epochs=args.backbone_epochs,
+                learning_rate=1e-3,
+                max_train_samples=args.max_train_samples,
+                max_eval_samples=args.max_eval_samples,
+                per_device_train_batch_size=args.batch_size,
+                seed=args.seed,
+                logging_steps=20,
+                output_dir=str(folder),
+            )
+        )
     return folder / "model"
 
 

@@ -50,7 +50,7 @@ from transformers import HfArgumentParser
 from modeling_msvit import MSViTConfig
 from msvit.tools.readme import replace_section
 from msvit.train.msvit_recipe import GATE_RECIPES, LEARNING_RATES, msvit_stage_args, predicted_drop_threshold
-from msvit.train.run_segmentation import main as run_segmentation
+from msvit.train.run_segmentation import SegmentationArguments, train_segmenter
 
 
 README_START = (
@@ -117,21 +117,24 @@ class SegmentationPipelineArguments:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(SegmentationPipelineArguments).parse_args_into_dataclasses(args=argv)
     output = Path(args.output_dir)
-    common = ["--canvas_size", str(args.canvas_size), "--max_train_samples", str(args.max_train_samples),
-              "--per_device_train_batch_size", str(args.batch_size), "--seed", str(args.seed),
-              "--logging_steps", "20"]  # fmt: skip
-    if args.max_eval_samples:
-        common += ["--max_eval_samples", str(args.max_eval_samples)]
+    common = dict(
+        canvas_size=args.canvas_size,
+        max_train_samples=args.max_train_samples,
+        per_device_train_batch_size=args.batch_size,
+        seed=args.seed,
+        logging_steps=20,
+        max_eval_samples=args.max_eval_samples or None,
+    )
     stage_seconds = {}
 
-    def stage(name: str, extra: list[str]) -> dict:
+    def stage(name: str, arguments: dict) -> dict:
         folder = output / name
         if (folder / "results.json").is_file() and not args.overwrite:
             print(f"\n== {name}: done, reading {folder / 'results.json'} ==")
             return json.loads((folder / "results.json").read_text())
         print(f"\n== {name} ==")
         start = time.perf_counter()
-        results = run_segmentation([*common, *extra, "--output_dir", str(folder)])
+        results = train_segmenter(SegmentationArguments(**{**common, **arguments}, output_dir=str(folder)))
         stage_seconds[name] = round(time.perf_counter() - start, 1)
         return results
 
@@ -151,17 +154,24 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[str, list[str]]:
-    """Stage name -> `train/run_segmentation.py` arguments (besides the data, batch and seed flags every stage
-    shares) of every training stage of one decoder, in running order; each in `<output_dir>/<decoder>/<stage>`."""
+def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[str, dict]:
+    """Stage name -> `SegmentationArguments` fields (besides the data, batch and seed fields every stage shares) of
+    every training stage of one decoder, in running order; each in `<output_dir>/<decoder>/<stage>`."""
     output = Path(args.output_dir) / decoder
-    sizes = ["--patch_size", str(args.patch_size), "--coarse_patch_size", str(args.coarse_patch_size),
-             "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.depth),
-             "--num_attention_heads", str(args.heads), "--decoder_type", decoder,
-             "--num_train_epochs", str(args.fine_epochs), "--learning_rate", "1e-3"]  # fmt: skip
-    scratch = ["--stage", "scratch", *sizes, "--skip_export"]
+    scratch = dict(
+        stage="scratch",
+        patch_size=args.patch_size,
+        coarse_patch_size=args.coarse_patch_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.depth,
+        num_attention_heads=args.heads,
+        decoder_type=decoder,
+        num_train_epochs=args.fine_epochs,
+        learning_rate=1e-3,
+        skip_export=True,
+    )
     full_model = str(output / "full-token" / "model")
-    no_export = ["--skip_export", "--skip_test"]
+    no_export = dict(skip_export=True, skip_test=True)
     recipe = msvit_stage_args(
         full_model,
         {name: str(output / name) for name in ("adapt", "gate")},
@@ -171,34 +181,42 @@ def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[s
         stage_extra={"adapt": no_export, "gate": no_export},
     )
     backbone_epochs = args.adapt_epochs + args.joint_epochs  # the gate stage leaves the backbone frozen
-    matched = [
-        "--stage", "joint", "--split_policy", "all_fine", "--model_name_or_path", full_model,
-        "--learning_rate", LEARNING_RATES["joint"], "--num_train_epochs", str(backbone_epochs), "--skip_export",
-    ]  # fmt: skip
+    matched = dict(
+        stage="joint",
+        split_policy="all_fine",
+        model_name_or_path=full_model,
+        learning_rate=LEARNING_RATES["joint"],
+        num_train_epochs=backbone_epochs,
+        skip_export=True,
+    )
     return {
-        "full-token": [*scratch, "--split_policy", "all_fine"],
-        "all-coarse": [*scratch, "--split_policy", "all_coarse"],
+        "full-token": {**scratch, "split_policy": "all_fine"},
+        "all-coarse": {**scratch, "split_policy": "all_coarse"},
         **recipe,
         "full-token-matched": matched,
     }
 
 
 def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dict:
-    """Every stage of one decoder (`stage(name, arguments)` runs or reads `<output_dir>/<name>`); its validation and
-    test rows, the gate stage's validation and the target check."""
+    """Every stage of one decoder (`stage(name, arguments)` runs or reads `<output_dir>/<name>`, `arguments` being
+    `SegmentationArguments` fields); its validation and test rows, the gate stage's validation and the target check."""
     trained = {
         name: stage(f"{decoder}/{name}", stage_args) for name, stage_args in training_stages(args, decoder).items()
     }
     joint_model = str(Path(args.output_dir) / decoder / "joint" / "model")
-    measure = ["--eval_only", "--model_name_or_path", joint_model, "--eval_budgets"]
+    measure = dict(eval_only=True, model_name_or_path=joint_model)
     budgets = [str(ratio) for ratio in args.budgets]
-    validation = stage(f"{decoder}/budgets-validation", [*measure, *budgets, "all_fine", "all_coarse"])
-    test = stage(f"{decoder}/budgets-test", [*measure, str(args.target_fine_ratio), "--eval_split", "test"])
+    validation = stage(
+        f"{decoder}/budgets-validation", {**measure, "eval_budgets": [*budgets, "all_fine", "all_coarse"]}
+    )
+    test = stage(
+        f"{decoder}/budgets-test", {**measure, "eval_budgets": [str(args.target_fine_ratio)], "eval_split": "test"}
+    )
     for name, probability in gate_thresholds(args, MSViTConfig.from_pretrained(joint_model)).items():
         # one threshold per evaluation: it is the model's
-        at_threshold = [*measure, "threshold", "--gate_threshold", str(probability)]
+        at_threshold = {**measure, "eval_budgets": ["threshold"], "gate_threshold": probability}
         for split, rows in (("validation", validation), ("test", test)):
-            (row,) = stage(f"{decoder}/{name}-{split}", [*at_threshold, "--eval_split", split]).values()
+            (row,) = stage(f"{decoder}/{name}-{split}", {**at_threshold, "eval_split": split}).values()
             rows[name] = {**row, "gate_threshold": probability}
     references = ("full-token", "full-token-matched", "all-coarse")
     results = {

@@ -1,5 +1,6 @@
 """Run the README's Python snippets, in order and in one namespace, as a user would paste them."""
 
+import json
 import re
 from pathlib import Path
 
@@ -33,3 +34,4 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
         except Exception as error:  # name the failing snippet
             pytest.fail(f"README snippet failed with {error!r}:\n{snippet}")
     assert (tmp_path / "msvit-tiny-hub" / "README.md").is_file()
+    assert json.loads((tmp_path / "outputs" / "vit-tiny" / "results.json").read_text())["test"]["tokens"] == 17

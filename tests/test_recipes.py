@@ -1,28 +1,29 @@
-"""Training recipes (`configuration/training/`, `msvit.train.recipes`) and Accelerate launch configs
-(`configuration/accelerate/`): every file loads, the recipes' arguments are accepted by
-`msvit.train.run_classification`, and each Accelerate config gives the environment `accelerate launch` would hand
-to the script."""
+"""Training recipes (`configuration/training/`, read by `msvit.train.arguments.parse_arguments`) and Accelerate launch
+configs (`configuration/accelerate/`): every recipe is accepted by the script it is written for, flags override it,
+bad recipes and arguments are refused with a message that says what to fix, and each Accelerate config gives the
+environment `accelerate launch` would hand to the script."""
 
 import json
-import subprocess
-import sys
+import re
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, patch_environment
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
 from torch.distributed.fsdp import CPUOffloadPolicy
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import HfArgumentParser, ViTConfig, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
 from msvit.experiments.segmentation_pipeline import SegmentationPipelineArguments, training_stages
+from msvit.train.arguments import load_recipe, parse_arguments
 from msvit.train.msvit_recipe import msvit_stage_args
-from msvit.train.recipes import RecipeError, load_recipe, recipe_to_args
-from msvit.train.run_classification import parse_args
-from msvit.train.run_segmentation import parse_args as parse_segmentation_args
+from msvit.train.run_classification import ClassificationArguments, train_classifier
+from msvit.train.run_segmentation import SegmentationArguments
 from tests.conftest import tiny_config
 
 
@@ -32,7 +33,7 @@ ACCELERATE_DIR = REPO_ROOT / "configuration" / "accelerate"
 RECIPES = sorted(TRAINING_DIR.glob("*.yaml")) + sorted(TRAINING_DIR.glob("*.json"))
 ACCELERATE_CONFIGS = sorted(ACCELERATE_DIR.glob("*.yaml"))
 
-# what each recipe must set (the rest of its arguments keep run_classification's defaults)
+# what each recipe must set (the rest of its arguments keep the script's defaults)
 EXPECTED = {
     "translated-fmnist-backbone-fine": dict(
         stage="backbone",
@@ -112,16 +113,28 @@ def test_every_expected_recipe_exists():
     assert {path.stem for path in RECIPES} >= set(EXPECTED)
 
 
+def script_arguments(path):
+    """The arguments dataclass of the script a recipe is written for."""
+    return SegmentationArguments if path.stem.startswith("segmentation-") else ClassificationArguments
+
+
+def parse(dataclass_type, *argv):
+    return parse_arguments(dataclass_type, list(argv))
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
-def test_recipe_arguments_are_accepted_by_the_training_script(path):
-    args = load_recipe(path)
-    assert args and all(isinstance(arg, str) for arg in args)
-    # each recipe goes to the script it is written for
-    script_parse_args = parse_segmentation_args if path.stem.startswith("segmentation-") else parse_args
-    parsed = script_parse_args([*args, "--output_dir", "x"])
-    assert parsed.output_dir == "x"
+def test_recipe_is_accepted_by_its_training_script(path):
+    dataclass_type = script_arguments(path)
+    parsed = parse(dataclass_type, "--config", str(path), "--output_dir", "x")
+    assert isinstance(parsed, dataclass_type) and parsed.output_dir == "x"
     for key, value in EXPECTED.get(path.stem, {}).items():
         assert getattr(parsed, key) == value, key
+    # every value comes from the recipe or, where it says nothing, from the script's defaults
+    recipe = yaml.safe_load(path.read_text())
+    defaults = dataclass_type(output_dir="x")
+    for field in fields(dataclass_type):
+        expected = recipe[field.name] if field.name in recipe else getattr(defaults, field.name)
+        assert getattr(parsed, field.name) == expected, field.name
 
 
 @pytest.mark.parametrize("stage", ["gate", "joint"])
@@ -129,13 +142,13 @@ def test_yaml_recipes_are_the_python_msvit_recipe(stage):
     """The YAML files and train/msvit_recipe.py (used by msvit.experiments.evidence) train the same way."""
     folders = {"gate": "outputs/translated-fmnist-gate"}
     backbone = "outputs/translated-fmnist-backbone-fine/model"
-    stage_extra = {"gate": ["--coarse_patch_size", "16"]}
+    stage_extra = {"gate": {"coarse_patch_size": 16}}
     python_args = msvit_stage_args(backbone, folders, 0.5, {"gate": 1, "joint": 2}, stage_extra=stage_extra)[stage]
-    from_python = vars(parse_args([*python_args, "--output_dir", "x"]))
-    from_yaml = vars(
-        parse_args(["--config", str(TRAINING_DIR / f"translated-fmnist-{stage}.yaml"), "--output_dir", "x"])
+    from_python = ClassificationArguments(**python_args, output_dir="x")
+    from_yaml = parse(
+        ClassificationArguments, "--config", str(TRAINING_DIR / f"translated-fmnist-{stage}.yaml"), "--output_dir", "x"
     )
-    assert from_python == {**from_yaml, "config": None}
+    assert from_python == from_yaml
 
 
 @pytest.mark.parametrize("stage", ["fine", "gate", "joint"])
@@ -146,70 +159,175 @@ def test_segmentation_yaml_recipes_are_the_pipeline_stages(stage):
     stages = training_stages(SegmentationPipelineArguments(), "linear")
     assert list(stages) == ["full-token", "all-coarse", "gate", "joint", "full-token-matched"]  # no adapt stage
     pipeline_stage = {"fine": "full-token", "gate": "gate", "joint": "joint"}[stage]
-    from_pipeline = vars(parse_segmentation_args([*stages[pipeline_stage], "--output_dir", "x"]))
-    from_yaml = vars(
-        parse_segmentation_args(["--config", str(TRAINING_DIR / f"segmentation-{stage}.yaml"), "--output_dir", "x"])
+    from_pipeline = asdict(SegmentationArguments(**stages[pipeline_stage], output_dir="x"))
+    from_yaml = asdict(
+        parse(SegmentationArguments, "--config", str(TRAINING_DIR / f"segmentation-{stage}.yaml"), "--output_dir", "x")
     )
-    ignored = {"config", "model_name_or_path", "skip_export", "skip_test", "checkpointing_steps"}
+    ignored = {"model_name_or_path", "skip_export", "skip_test", "checkpointing_steps"}
     assert {key: value for key, value in from_pipeline.items() if key not in ignored} == {
         key: value for key, value in from_yaml.items() if key not in ignored
     }
 
 
-def test_command_line_arguments_after_a_recipe_win():
-    args = load_recipe(TRAINING_DIR / "translated-fmnist-gate.yaml")
-    parsed = parse_args([*args, "--model_name_or_path", "elsewhere", "--learning_rate", "0.01", "--output_dir", "x"])
-    assert parsed.model_name_or_path == "elsewhere" and parsed.learning_rate == 0.01
+def test_command_line_flags_override_the_recipe():
+    recipe = str(TRAINING_DIR / "translated-fmnist-gate.yaml")
+    # before or after --config: the command line wins, the recipe's other values stay
+    for argv in (
+        ["--config", recipe, "--model_name_or_path", "elsewhere", "--learning_rate", "0.02", "--output_dir", "x"],
+        ["--model_name_or_path", "elsewhere", "--learning_rate", "0.02", "--config", recipe, "--output_dir", "x"],
+    ):
+        parsed = parse(ClassificationArguments, *argv)
+        assert parsed.model_name_or_path == "elsewhere" and parsed.learning_rate == 0.02
+        assert parsed.stage == "gate" and parsed.fine_ratio_budget == 0.5 and parsed.coarse_patch_size == 16
+        assert parsed.per_device_train_batch_size == 128 and parsed.gate_objective == "counterfactual"
+    # flags the recipe does not set keep the script's defaults
+    assert parsed.weight_decay == 0.05 and parsed.seed == 0 and parsed.split_policy == "gate"
 
 
-def test_recipe_values_become_arguments(tmp_path):
-    recipe = {"stage": "scratch", "learning_rate": 0.001, "patch_size": 8, "no_hflip": True, "skip_test": False}
-    recipe["gate_threshold"] = None
-    expected = ["--stage", "scratch", "--learning_rate", "0.001", "--patch_size", "8", "--no_hflip"]
-    assert recipe_to_args(recipe) == expected
-    (tmp_path / "r.yaml").write_text(
-        "stage: scratch\nlearning_rate: 1.0e-3\npatch_size: 8\nno_hflip: true\nskip_test: false\ngate_threshold:\n"
+def test_a_shipped_recipe_is_found_by_name(tmp_path, monkeypatch):
+    by_path = parse(
+        ClassificationArguments, "--config", str(TRAINING_DIR / "translated-fmnist-gate.yaml"), "--output_dir", "x"
     )
-    (tmp_path / "r.json").write_text(json.dumps(recipe))
-    assert load_recipe(tmp_path / "r.yaml") == expected == load_recipe(tmp_path / "r.json")
-    (tmp_path / "empty.yaml").write_text("# nothing\n")
-    assert load_recipe(tmp_path / "empty.yaml") == []
-    assert parse_args([*expected, "--output_dir", "x"]).no_hflip
+    monkeypatch.chdir(tmp_path)  # names resolve from the package, not the working directory
+    assert parse(ClassificationArguments, "--config", "translated-fmnist-gate", "--output_dir", "x") == by_path
+    (tmp_path / "translated-fmnist-gate").mkdir()  # an existing path is never replaced by a shipped recipe
+    with pytest.raises(
+        ValueError, match=r"or the name of a shipped one \(segmentation-fine, .*translated-fmnist-joint\)"
+    ):
+        load_recipe(HfArgumentParser(ClassificationArguments), "translated-fmnist-gate")
+
+
+def test_yaml_and_json_recipes_give_the_same_values(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "stage: scratch\nlearning_rate: 1e-3  # YAML reads this as text: the flag's type converts it\n"
+        "patch_size: 8\nno_hflip: true\nskip_test: false\ngate_threshold:\ngate_type: entropy\n"
+    )
+    values = {"stage": "scratch", "learning_rate": 0.001, "patch_size": 8, "no_hflip": True, "skip_test": False}
+    (tmp_path / "r.json").write_text(json.dumps({**values, "gate_threshold": None, "gate_type": "entropy"}))
+    from_yaml = parse(ClassificationArguments, "--config", str(tmp_path / "r.yaml"), "--output_dir", "x")
+    from_json = parse(ClassificationArguments, "--config", str(tmp_path / "r.json"), "--output_dir", "x")
+    assert from_yaml == from_json
+    assert (from_json.stage, from_json.learning_rate, from_json.patch_size) == ("scratch", 0.001, 8)
+    assert from_json.no_hflip is True and from_json.skip_test is False and from_json.gate_threshold is None
+    assert from_json.gate_type == "entropy" and isinstance(from_yaml.learning_rate, float)
+    # `.yml` is YAML too
+    (tmp_path / "r.yml").write_text((tmp_path / "r.yaml").read_text())
+    assert parse(ClassificationArguments, "--config", str(tmp_path / "r.yml"), "--output_dir", "x") == from_yaml
+
+
+def test_bool_flags_on_the_command_line_and_in_recipes(tmp_path):
+    assert parse(ClassificationArguments, "--stage", "scratch", "--output_dir", "x").no_hflip is False
+    bare = parse(ClassificationArguments, "--stage", "scratch", "--no_hflip", "--skip_test", "--output_dir", "x")
+    assert bare.no_hflip is True and bare.skip_test is True and bare.skip_export is False
+    (tmp_path / "flip.yaml").write_text("stage: scratch\nno_hflip: true\nskip_export: true\n")
+    config = ["--config", str(tmp_path / "flip.yaml"), "--output_dir", "x"]
+    from_recipe = parse(ClassificationArguments, *config)
+    assert from_recipe.no_hflip is True and from_recipe.skip_export is True
+    # a recipe's true is turned off with an explicit value
+    overridden = parse(ClassificationArguments, *config, "--no_hflip", "false")
+    assert overridden.no_hflip is False and overridden.skip_export is True
+    segmentation = parse(SegmentationArguments, "--eval_only", "--model_name_or_path", "m", "--output_dir", "x")
+    assert segmentation.eval_only is True and segmentation.stage is None
 
 
 @pytest.mark.parametrize(
-    "recipe, message",
+    "text, message",
     [
-        (["--stage", "gate"], "mapping"),
-        ({"--stage": "gate"}, "without dashes"),
-        ({"learning-rate": 0.1}, "not a flag name"),
-        ({"dataset": ["a", "b"]}, "holds a list"),
-        ({"learning_rate": float("nan")}, "non-finite"),
+        ("stage: scratch\nlerning_rate: 0.1\n", "lerning_rate"),
+        ("stage: scratch\nlearning-rate: 0.1\n", "learning-rate"),
+        ("- stage\n- scratch\n", "not a recipe"),
+        ("# nothing\n", "not a recipe"),
+        ("stage: [scratch\n", "not a recipe"),
     ],
 )
-def test_bad_recipes_are_rejected_with_the_key(recipe, message):
-    with pytest.raises(RecipeError, match=message):
-        recipe_to_args(recipe)
+def test_bad_recipes_are_refused_with_the_file_and_the_allowed_keys(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        load_recipe(HfArgumentParser(ClassificationArguments), path)
+    assert str(path) in str(error.value) and "allowed keys: " in str(error.value)
+    assert "learning_rate, " in str(error.value) and "num_gate_map_images" in str(error.value)
+    # on the command line: argparse's usage error, exit status 2
+    with pytest.raises(SystemExit) as exit_info:
+        parse(ClassificationArguments, "--config", str(path), "--output_dir", "x")
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
-def test_recipes_command_line(tmp_path):
-    path = TRAINING_DIR / "translated-fmnist-backbone-fine.yaml"
-    result = subprocess.run(
-        [sys.executable, "-m", "msvit.train.recipes", str(path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert result.stdout.split() == load_recipe(path)
-    (tmp_path / "spaces.yaml").write_text("dataset: imagefolder:/data/my images\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "msvit.train.recipes", str(tmp_path / "spaces.yaml")],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1 and "word splitting" in result.stderr
+def test_recipe_files_that_cannot_be_read(tmp_path):
+    parser = HfArgumentParser(ClassificationArguments)
+    with pytest.raises(ValueError, match="cannot read the recipe"):
+        load_recipe(parser, tmp_path / "missing.yaml")
+    (tmp_path / "recipe.toml").write_text("stage = 'scratch'\n")
+    with pytest.raises(ValueError, match=r"a recipe is a \.yaml, \.yml or \.json file"):
+        load_recipe(parser, tmp_path / "recipe.toml")
+    (tmp_path / "bad.json").write_text("{stage: scratch}")
+    with pytest.raises(ValueError, match="bad.json is not a recipe of ClassificationArguments"):
+        load_recipe(parser, tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(stage="scratch"), "--output_dir is required"),
+        (dict(output_dir="x"), "--stage is required: one of backbone, gate, joint, scratch"),
+        (dict(stage="gate", output_dir="x"), "--stage gate needs --model_name_or_path"),
+        (dict(stage="joint", output_dir="x"), "--stage joint needs --model_name_or_path"),
+        (dict(stage="backbone", split_policy="random", output_dir="x"), "--stage joint or scratch"),
+        (dict(stage="bakbone", output_dir="x"), "--stage is 'bakbone'; choose one of backbone, gate, joint, scratch"),
+        (dict(stage="scratch", mixed_precision="fp8", output_dir="x"), "--mixed_precision is 'fp8'"),
+    ],
+)
+def test_classification_validate_says_what_is_expected(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClassificationArguments(**arguments).validate()
+    # the typed entry point refuses them before starting anything
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_classifier(ClassificationArguments(**arguments))
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(stage="scratch", model_name_or_path="m"), "random weights; use --stage joint"),
+        (dict(stage="gate", model_name_or_path="m", split_policy="all_fine"), "--split_policy replaces the gate"),
+        (dict(stage="gate"), "--stage gate needs --model_name_or_path"),
+        (dict(), "--stage is required (one of scratch, gate, joint) unless --eval_only"),
+        (dict(eval_only=True), "--eval_only needs --model_name_or_path"),
+        (dict(eval_only=True, model_name_or_path="m", eval_budgets=["0.5", "1.5"]), "'1.5' is not a budget"),
+        (dict(stage="scratch", decoder_type="fpn"), "--decoder_type is 'fpn'; choose one of linear, mask_transformer"),
+    ],
+)
+def test_segmentation_validate_says_what_is_expected(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SegmentationArguments(**arguments, output_dir="x").validate()
+
+
+def test_validate_errors_are_usage_errors_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(ClassificationArguments, "--stage", "gate", "--output_dir", "x")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and "error: --stage gate needs --model_name_or_path" in err
+    # choices are checked for a recipe's values too (argparse checks only the command line's)
+    (tmp_path / "typo.yaml").write_text("stage: bakbone\n")
+    with pytest.raises(SystemExit):
+        parse(ClassificationArguments, "--config", str(tmp_path / "typo.yaml"), "--output_dir", "x")
+    assert "--stage is 'bakbone'" in capsys.readouterr().err
+    # and the recipe does not stand in for a missing --output_dir
+    with pytest.raises(SystemExit):
+        parse(ClassificationArguments, "--config", str(TRAINING_DIR / "translated-fmnist-gate.yaml"))
+    assert "--output_dir is required" in capsys.readouterr().err
+
+
+def test_help_lists_the_recipe_and_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(SegmentationArguments, "--help")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--stage", "--eval_budgets", "--no_hflip", "--per_device_train_batch_size"):
+        assert flag in out
+    assert "Batch size per process, training. (default: 64)" in " ".join(out.split())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from transformers import ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation, MSViTModel
 from msvit.metrics import load_metric
+from msvit.train.arguments import parse_arguments
 from msvit.train.data import FASHION_MNIST_DIR
 from msvit.train.evaluation import evaluate_segmenter
-from msvit.train.run_segmentation import build_model, main, parse_args, training_inputs
+from msvit.train.run_segmentation import SegmentationArguments, build_model, main, training_inputs
 from msvit.train.segmentation_data import scene_label_maps
 from tests.conftest import tiny_config, tiny_vit_config
 
@@ -153,7 +154,7 @@ def test_sources_convert_to_segmenters_with_their_backbone(tmp_path):
         "msvit": {name: t for name, t in classifier.state_dict().items() if name.startswith("msvit.")},
     }
     for source, backbone in expected.items():
-        args = parse_args(["--stage", "joint", "--model_name_or_path", str(tmp_path / source), "--output_dir", "x"])
+        args = SegmentationArguments(stage="joint", model_name_or_path=str(tmp_path / source), output_dir="x")
         model, processor = build_model(args)
         assert isinstance(model, MSViTForSemanticSegmentation)
         assert model.config.id2label == scene_label_maps()[0] and model.config.num_labels == NUM_LABELS
@@ -166,7 +167,9 @@ def test_sources_convert_to_segmenters_with_their_backbone(tmp_path):
 def test_segmentation_recipes_chain_their_stages():
     stages = ("fine", "gate", "joint")
     parsed = {
-        stage: parse_args(["--config", str(RECIPES_DIR / f"segmentation-{stage}.yaml"), "--output_dir", "x"])
+        stage: parse_arguments(
+            SegmentationArguments, ["--config", str(RECIPES_DIR / f"segmentation-{stage}.yaml"), "--output_dir", "x"]
+        )
         for stage in stages
     }
     assert [parsed[stage].stage for stage in stages] == ["scratch", "gate", "joint"]
@@ -189,7 +192,7 @@ def test_segmentation_recipes_chain_their_stages():
 )
 def test_bad_arguments_are_rejected(capsys, argv, message):
     with pytest.raises(SystemExit):
-        parse_args([*argv, "--output_dir", "x"])
+        parse_arguments(SegmentationArguments, [*argv, "--output_dir", "x"])
     assert message in capsys.readouterr().err
 
 
@@ -197,7 +200,7 @@ def test_training_batches_flip_each_mask_with_its_image():
     pixel_values = torch.randn(64, 3, 32, 32)
     labels = (pixel_values[:, 0] > 0).long()  # a mask that follows the image
     config = tiny_config(target_fine_ratio=0.25)  # 4x4 coarse regions
-    args = parse_args(["--stage", "scratch", "--output_dir", "x"])
+    args = SegmentationArguments(stage="scratch", output_dir="x")
     torch.manual_seed(0)
     inputs = training_inputs({"pixel_values": pixel_values, "labels": labels}, args, config)
     assert inputs.keys() == {"pixel_values", "labels"}  # the gate decides
@@ -208,12 +211,12 @@ def test_training_batches_flip_each_mask_with_its_image():
     assert torch.equal(inputs["labels"][flipped], labels[flipped].flip(-1))
     assert torch.equal(inputs["labels"][~flipped], labels[~flipped])
     # the same step seed gives the same flips; forced decisions take the gathered path
-    args = parse_args(["--stage", "scratch", "--split_policy", "centre", "--output_dir", "x"])
+    args = SegmentationArguments(stage="scratch", split_policy="centre", output_dir="x")
     torch.manual_seed(0)
     forced = training_inputs({"pixel_values": pixel_values, "labels": labels}, args, config)
     assert torch.equal(forced["labels"], inputs["labels"]) and forced["token_path"] == "gathered"
     assert forced["split_mask"].sum(1).eq(4).all() and forced["split_mask"][:, [5, 6, 9, 10]].all()
-    no_flip = parse_args(["--stage", "scratch", "--no_hflip", "--output_dir", "x"])
+    no_flip = SegmentationArguments(stage="scratch", no_hflip=True, output_dir="x")
     assert training_inputs({"pixel_values": pixel_values, "labels": labels}, no_flip, config)["labels"] is labels
 
 

@@ -1,4 +1,5 @@
-"""The MSViT recipe on a trained ViT, as `train/run_classification.py` (or `run_segmentation.py`) arguments.
+"""The MSViT recipe on a trained ViT, as keyword arguments of `ClassificationArguments` (`train/run_classification.py`)
+or `SegmentationArguments` (`train/run_segmentation.py`).
 
 1. `gate`: convert the ViT with `from_vit` (size-aware attention on, so the frozen backbone already reads mixed
    layouts correctly), freeze it, and train the gate. The default objective is the counterfactual one: the gate's
@@ -11,7 +12,7 @@ An `adapt` stage (fine-tuning the converted ViT on random splits before the gate
 `epochs["adapt"] > 0`: it made up for the missing size-aware attention bias, and the gate study measures whether it
 still pays (`experiments/gate_study.py`).
 
-Evaluation uses the fixed budget (`--fine_ratio_budget`): every image gets exactly `round(ratio * N_c)` split regions,
+Evaluation uses the fixed budget (`fine_ratio_budget`): every image gets exactly `round(ratio * N_c)` split regions,
 the ones with the highest gate logits.
 """
 
@@ -20,7 +21,7 @@ import math
 
 # How a learned gate trains under each objective, as MSViT config fields: counterfactual region flips on the gathered
 # path, or the paper's straight-through estimator on the masked path with the masked softmax and the weighted budget
-# loss. `gate_study.py` and the demo build models from these; the scripts get them as flags (`gate_training_args`).
+# loss. `gate_study.py` and the demo build models from these; the scripts get them as arguments (`gate_training_args`).
 GATE_RECIPES = {
     "counterfactual": dict(gate_objective="counterfactual", train_token_path="gathered"),
     "straight_through": dict(
@@ -32,7 +33,7 @@ GATE_RECIPES = {
     ),
 }
 GATE_LEARNING_RATES = {"counterfactual": 1e-2, "straight_through": 1e-3}
-LEARNING_RATES = {"adapt": "2e-4", "joint": "2e-4"}
+LEARNING_RATES = {"adapt": 2e-4, "joint": 2e-4}
 
 
 def predicted_drop_threshold(config, drop: float) -> float:
@@ -41,22 +42,22 @@ def predicted_drop_threshold(config, drop: float) -> float:
     return 1 / (1 + math.exp(-config.counterfactual_target_scale * drop))
 
 
-def budget_args(ratio: float) -> list[str]:
+def budget_args(ratio: float) -> dict:
     """Aim the gate at `ratio` and evaluate with exactly that fraction of regions split."""
-    return ["--target_fine_ratio", str(ratio), "--fine_ratio_budget", str(ratio)]
+    return dict(target_fine_ratio=ratio, fine_ratio_budget=ratio)
 
 
 def gate_training_args(
     objective: str = "counterfactual", gate_loss_type: str = "ratio", gate_loss_weight: float = 20.0
-) -> list[str]:
-    """`GATE_RECIPES[objective]` as training-script flags; the budget loss's type and weight apply to the
+) -> dict:
+    """`GATE_RECIPES[objective]` as training-script arguments; the budget loss's type and weight apply to the
     straight-through objective."""
     if objective not in GATE_RECIPES:
         raise ValueError(f"Unknown gate objective {objective!r}; choose from {tuple(GATE_RECIPES)}.")
     recipe = dict(GATE_RECIPES[objective])
     if objective == "straight_through":
         recipe.update(gate_loss_type=gate_loss_type, gate_loss_weight=gate_loss_weight)
-    return [argument for name, value in recipe.items() for argument in (f"--{name}", str(value))]
+    return recipe
 
 
 def msvit_stage_args(
@@ -67,19 +68,19 @@ def msvit_stage_args(
     objective: str = "counterfactual",
     gate_loss_type: str = "ratio",
     gate_loss_weight: float = 20.0,
-    stage_extra: dict[str, list[str]] | None = None,
-) -> dict[str, list[str]]:
+    stage_extra: dict[str, dict] | None = None,
+) -> dict[str, dict]:
     """Stage name (`adapt` when `epochs["adapt"] > 0`, `gate`, `joint`) -> arguments, for output folders
     `folders[stage]`.
 
-    `backbone` is a ViT folder; each stage starts from `<folders[previous stage]>/model`. `stage_extra` appends
+    `backbone` is a ViT folder; each stage starts from `<folders[previous stage]>/model`. `stage_extra` adds
     arguments to a stage (ablations)."""
     adapt = epochs.get("adapt", 0) > 0
     stage_args = {
-        "adapt": ["--stage", "joint", "--split_policy", "random", "--train_token_path", "gathered"],
-        "gate": ["--stage", "gate", *gate_training_args(objective, gate_loss_type, gate_loss_weight)],
-        "joint": ["--stage", "joint"],
-    }  # fmt: skip
+        "adapt": dict(stage="joint", split_policy="random", train_token_path="gathered"),
+        "gate": dict(stage="gate", **gate_training_args(objective, gate_loss_type, gate_loss_weight)),
+        "joint": dict(stage="joint"),
+    }
     if not adapt:
         del stage_args["adapt"]
     sources = {
@@ -87,18 +88,15 @@ def msvit_stage_args(
         "gate": f"{folders['adapt']}/model" if adapt else backbone,
         "joint": f"{folders['gate']}/model",
     }
-    learning_rates = {**LEARNING_RATES, "gate": str(GATE_LEARNING_RATES[objective])}
+    learning_rates = {**LEARNING_RATES, "gate": GATE_LEARNING_RATES[objective]}
     return {
-        stage: [
-            *args,
-            "--model_name_or_path",
-            sources[stage],
-            *budget_args(ratio),
-            "--learning_rate",
-            learning_rates[stage],
-            "--num_train_epochs",
-            str(epochs[stage]),
-            *(stage_extra or {}).get(stage, []),
-        ]  # fmt: skip
+        stage: {
+            **args,
+            "model_name_or_path": sources[stage],
+            **budget_args(ratio),
+            "learning_rate": learning_rates[stage],
+            "num_train_epochs": epochs[stage],
+            **(stage_extra or {}).get(stage, {}),
+        }
         for stage, args in stage_args.items()
     }

@@ -1,9 +1,9 @@
 """End-of-run artefacts of a trained MSViT: a Hub folder with the measured results in its card, and figures (gate
 maps for classifiers; image, gate map, prediction and ground truth for segmenters)."""
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -12,6 +12,11 @@ import torch
 from msvit.tools.export import TASKS, export_hub_folder, task_of
 from msvit.tools.gate_map import render_gate_map, side_by_side
 from msvit.train.evaluation import upsampled_argmax
+
+
+if TYPE_CHECKING:  # the scripts import this module
+    from msvit.train.run_classification import ClassificationArguments
+    from msvit.train.run_segmentation import SegmentationArguments
 
 
 COMPUTE_COLUMNS = (
@@ -96,7 +101,15 @@ def model_index(model_name: str, dataset: str, split: str, task: str, metrics: l
     ]
 
 
-def export_hub(model, processor, results: dict, output_dir: Path, args: argparse.Namespace, *, script: str) -> Path:
+def export_hub(
+    model,
+    processor,
+    results: dict,
+    output_dir: Path,
+    args: "ClassificationArguments | SegmentationArguments",
+    *,
+    script: str,
+) -> Path:
     """Write `hub/`: the model, its processor and a card with the measured results of the reported split."""
     name = f"msvit-{output_dir.name}"
     task = task_of(model)
@@ -147,7 +160,7 @@ def gate_maps(model, processor, images: list, num_channels: int) -> PIL.Image.Im
 
 
 def export_trained_msvit(
-    model, processor, validation, results: dict, output_dir: Path, args: argparse.Namespace
+    model, processor, validation, results: dict, output_dir: Path, args: "ClassificationArguments"
 ) -> Path:
     """Write `hub/` (model card with the measured results) and `gate_maps.png` of the first validation images."""
     folder = export_hub(model, processor, results, output_dir, args, script="run_classification.py")
@@ -196,7 +209,7 @@ def prediction_sheet(model, images: list, pixel_values: torch.Tensor, labels: to
 
 
 def export_trained_segmenter(
-    model, processor, results: dict, output_dir: Path, args: argparse.Namespace, images: list, batch: dict
+    model, processor, results: dict, output_dir: Path, args: "SegmentationArguments", images: list, batch: dict
 ) -> Path:
     """Write `hub/` (model card with the measured results) and `predictions.png` of `images` (PIL) and their
     processed `batch` (`pixel_values`, `labels`)."""

@@ -14,7 +14,11 @@ Stages (`--stage`):
         --output_dir outputs/vit-fine
     python -m msvit.train.run_classification --stage gate --model_name_or_path outputs/vit-fine/model \
         --dataset translated_fashion_mnist --learning_rate 1e-2 --fine_ratio_budget 0.5 --output_dir outputs/msvit-gate
+    python -m msvit.train.run_classification --config configuration/training/translated-fmnist-gate.yaml \
+        --output_dir outputs/translated-fmnist-gate  # a recipe; flags on the command line win
     accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m msvit.train.run_classification ...
+
+From Python: `train_classifier(ClassificationArguments(stage="backbone", output_dir="outputs/vit-fine"))`.
 
 Writes to `--output_dir`: `metrics.jsonl` (one JSON object per log step and evaluation), `checkpoints/step_N/`
 (`accelerator.save_state`, resumable with `--resume_from_checkpoint`), `model/` (weights and image processor),
@@ -22,9 +26,10 @@ Writes to `--output_dir`: `metrics.jsonl` (one JSON object per log step and eval
 `gate_maps.png`.
 """
 
-import argparse
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -38,63 +43,65 @@ from transformers import (
 
 from modeling_msvit import MSViTConfig, MSViTForImageClassification
 from msvit.metrics import load_metric
+from msvit.train.arguments import CommonArguments, OptimisationArguments, parse_arguments, with_default
 from msvit.train.data import class_names, collate_fn, load_classification_splits, make_transforms
 from msvit.train.evaluation import evaluate_classifier, forced_split_kwargs, is_msvit
 from msvit.train.reporting import export_trained_msvit
 from msvit.train.training_loop import (
     TrainingRun,
     accelerator_kwargs,
-    add_bookkeeping_arguments,
-    add_data_arguments,
-    add_model_arguments,
-    add_msvit_arguments,
-    add_optimisation_arguments,
     apply_budget,
     freeze_all_but_gate,
     make_dataloaders,
     msvit_overrides,
-    parse_with_recipe,
     random_hflip,
     size_fields,
 )
 
 
-STAGES = ("backbone", "gate", "joint", "scratch")
+Stage = Literal["backbone", "gate", "joint", "scratch"]
+STAGES = get_args(Stage)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--config", help="A training recipe (configuration/training/*.yaml); flags given here override its values.")
-    add("--stage", choices=STAGES, required=True, help="What to train (see the module docstring).")
-    add(
-        "--model_name_or_path", help="Starting point: a ViT folder (backbone, gate, joint) or an MSViT folder (joint)."
+@dataclass(kw_only=True)
+class ClassificationArguments(CommonArguments):
+    """The arguments of `run_classification.py`: the shared ones (`train/arguments.py`) and its own."""
+
+    stage: Stage | None = field(default=None, metadata={"help": "What to train (see the module docstring); required."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Starting point: a ViT folder (backbone, gate, joint) or an MSViT folder (joint)."},
     )
-    add("--output_dir", required=True, help="Where checkpoints, logs, the model and the results go.")
-    data = add_data_arguments(
-        parser,
-        dataset="translated_fashion_mnist",
-        dataset_help="fashion_mnist, translated_fashion_mnist, imagefolder:<dir> or a Hub data set id.",
-        image_size_help="Model input size (the image processor resizes); default: the data's size rounded up to a "
-        "multiple of the coarse patch (64 for translated Fashion-MNIST, 32 for Fashion-MNIST).",
+    dataset: str = field(
+        default="translated_fashion_mnist",
+        metadata={"help": "fashion_mnist, translated_fashion_mnist, imagefolder:<dir> or a Hub data set id."},
     )
-    data.add_argument(
-        "--validation_size", type=float, default=5000, help="Validation images carved from train (or a fraction)."
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Model input size (the image processor resizes); default: the data's size rounded up to a "
+            "multiple of the coarse patch (64 for translated Fashion-MNIST, 32 for Fashion-MNIST)."
+        },
     )
-    add_model_arguments(parser)
-    add_msvit_arguments(parser)
-    add_optimisation_arguments(parser, train_batch_size=128, eval_batch_size=256, num_train_epochs=6)
-    outputs = add_bookkeeping_arguments(parser)
-    outputs.add_argument(
-        "--num_gate_map_images", type=int, default=8, help="Validation images drawn in gate_maps.png (MSViT)."
+    validation_size: float = field(
+        default=5000, metadata={"help": "Validation images carved from train (or a fraction)."}
     )
-    args = parse_with_recipe(parser, argv)
-    if args.split_policy != "gate" and args.stage in ("backbone", "gate"):
-        parser.error("--split_policy applies to MSViT backbone training (--stage joint or scratch).")
-    return args
+    num_train_epochs: int = with_default(OptimisationArguments, "num_train_epochs", 6)
+    per_device_train_batch_size: int = with_default(OptimisationArguments, "per_device_train_batch_size", 128)
+    per_device_eval_batch_size: int = with_default(OptimisationArguments, "per_device_eval_batch_size", 256)
+    num_gate_map_images: int = field(default=8, metadata={"help": "Validation images drawn in gate_maps.png (MSViT)."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stage is None:
+            raise ValueError(f"--stage is required: one of {', '.join(STAGES)} (see --help).")
+        if self.stage in ("gate", "joint") and not self.model_name_or_path:
+            raise ValueError(f"--stage {self.stage} needs --model_name_or_path (the model to start from).")
+        if self.split_policy != "gate" and self.stage in ("backbone", "gate"):
+            raise ValueError("--split_policy applies to MSViT backbone training (--stage joint or scratch).")
 
 
-def default_image_size(args: argparse.Namespace, dataset) -> int:
+def default_image_size(args: ClassificationArguments, dataset) -> int:
     if args.image_size:
         return args.image_size
     width, height = dataset["train"][0]["image"].size
@@ -102,7 +109,7 @@ def default_image_size(args: argparse.Namespace, dataset) -> int:
     return math.ceil(max(width, height) / coarse) * coarse
 
 
-def build_model(args: argparse.Namespace, labels: list[str], num_channels: int, image_size: int):
+def build_model(args: ClassificationArguments, labels: list[str], num_channels: int, image_size: int):
     """The model of the stage and its image processor."""
     label_maps = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     source = args.model_name_or_path
@@ -137,8 +144,9 @@ def build_model(args: argparse.Namespace, labels: list[str], num_channels: int, 
     return model, processor
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def train_classifier(args: ClassificationArguments) -> dict:
+    """Train and evaluate as `args` say; write the run's folder (see the module docstring) and return its results."""
+    args.validate()
     accelerator = Accelerator(**accelerator_kwargs(args))
     set_seed(args.seed)
 
@@ -175,6 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
         export_trained_msvit(unwrapped, processor, dataset["validation"], results, run.output_dir, args)
     accelerator.end_training()
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line (default: `sys.argv`), a `--config` recipe's values under it."""
+    return train_classifier(parse_arguments(ClassificationArguments, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ Stages (`--stage`):
         --target_fine_ratio 0.5 --output_dir outputs/seg-gate
     python -m msvit.train.run_segmentation --eval_only --model_name_or_path outputs/seg-gate/model \
         --eval_budgets 0.25 0.5 0.75 threshold all_fine all_coarse --output_dir outputs/seg-gate-budgets
+    python -m msvit.train.run_segmentation --config configuration/training/segmentation-fine.yaml \
+        --output_dir outputs/segmentation-fine  # a recipe; flags on the command line win
     accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml -m msvit.train.run_segmentation ...
 
 The defaults (96 px canvases, 8 / 16 px patches, width 128, depth 4, linear decoder) train in minutes on two CPU
-cores; `--canvas_size`, `--image_size`, the width flags and `--decoder_type mask_transformer` scale it up.
+cores; `--canvas_size`, `--image_size`, the width flags and `--decoder_type mask_transformer` scale it up. From
+Python: `train_segmenter(SegmentationArguments(stage="scratch", split_policy="all_fine", output_dir="outputs/x"))`.
 
 Writes to `--output_dir`: `metrics.jsonl` (one JSON object per log step and evaluation), `checkpoints/step_N/`
 (resumable with `--resume_from_checkpoint`), `model/` (weights and image processor), `results.json`, a Hub-ready
@@ -28,11 +31,12 @@ folder `hub/` with a model card built from the measured results, and `prediction
 maps, predicted and true masks). `--eval_only` writes `budgets.json`: one evaluation per budget.
 """
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from accelerate import Accelerator
@@ -42,6 +46,7 @@ from transformers import AutoConfig, AutoImageProcessor, SegformerImageProcessor
 from modeling_msvit import MSViTConfig, MSViTForSemanticSegmentation
 from msvit.metrics import load_metric
 from msvit.tools.export import image_processor_for
+from msvit.train.arguments import CommonArguments, OptimisationArguments, parse_arguments, with_default
 from msvit.train.evaluation import evaluate_segmenter, forced_split_kwargs
 from msvit.train.reporting import export_trained_segmenter
 from msvit.train.segmentation_data import (
@@ -53,107 +58,110 @@ from msvit.train.segmentation_data import (
 from msvit.train.training_loop import (
     TrainingRun,
     accelerator_kwargs,
-    add_bookkeeping_arguments,
-    add_data_arguments,
-    add_model_arguments,
-    add_msvit_arguments,
-    add_optimisation_arguments,
     apply_budget,
     freeze_all_but_gate,
     make_dataloaders,
     msvit_overrides,
-    parse_with_recipe,
     random_hflip,
     size_fields,
 )
 
 
-STAGES = ("scratch", "gate", "joint")
+Stage = Literal["scratch", "gate", "joint"]
+STAGES = get_args(Stage)
 FORCED_BUDGETS = ("all_fine", "all_coarse")
 DEFAULT_BUDGETS = ("0.25", "0.5", "0.75", "threshold", *FORCED_BUDGETS)
 
 
-def budget(text: str) -> str:
-    """A `--eval_budgets` entry: a fine ratio in [0, 1], `threshold` (the gate threshold), `all_fine` or
-    `all_coarse`."""
+def is_budget(text: str) -> bool:
+    """Whether `text` is a `--eval_budgets` entry: a fine ratio in [0, 1], `threshold` (the gate threshold),
+    `all_fine` or `all_coarse`."""
     if text in ("threshold", *FORCED_BUDGETS):
-        return text
+        return True
     try:
-        fine_ratio = float(text)
+        return 0.0 <= float(text) <= 1.0
     except ValueError:
-        fine_ratio = math.nan
-    if not 0.0 <= fine_ratio <= 1.0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a budget: give a fine ratio in [0, 1], 'threshold', 'all_fine' or 'all_coarse'."
-        )
-    return text
+        return False
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--config", help="A training recipe (configuration/training/*.yaml); flags given here override its values.")
-    add("--stage", choices=STAGES, help="What to train (see the module docstring); not used with --eval_only.")
-    add(
-        "--model_name_or_path",
-        help="Starting point (gate, joint, --eval_only): a segmentation folder, a ViT folder or an MSViT "
-        "classification folder.",
+@dataclass(kw_only=True)
+class SegmentationArguments(CommonArguments):
+    """The arguments of `run_segmentation.py`: the shared ones (`train/arguments.py`) and its own."""
+
+    stage: Stage | None = field(
+        default=None, metadata={"help": "What to train (see the module docstring); not used with --eval_only."}
     )
-    add("--output_dir", required=True, help="Where checkpoints, logs, the model and the results go.")
-    data = add_data_arguments(
-        parser,
-        dataset="fashion_mnist_scenes",
-        dataset_help="fashion_mnist_scenes, or a Hub data set id with an image and a mask column "
-        "(train/segmentation_data.py).",
-        image_size_help="Input size of a new model (the image processor resizes); default: the canvas size rounded "
-        "up to a multiple of the coarse patch. Converted and loaded models keep their own.",
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Starting point (gate, joint, --eval_only): a segmentation folder, a ViT folder or an MSViT "
+            "classification folder."
+        },
     )
-    data.add_argument("--canvas_size", type=int, default=96, help="Side of the composed scenes in pixels.")
-    data.add_argument("--max_items", type=int, default=4, help="At most this many items per scene.")
-    add_model_arguments(parser)
-    decoder = parser.add_argument_group("decoder (of a new segmentation head)")
-    decoder.add_argument(
-        "--decoder_type",
-        choices=("linear", "mask_transformer"),
-        help="Segmenter's linear decoder (default) or mask transformer.",
+    dataset: str = field(
+        default="fashion_mnist_scenes",
+        metadata={
+            "help": "fashion_mnist_scenes, or a Hub data set id with an image and a mask column "
+            "(train/segmentation_data.py)."
+        },
     )
-    decoder.add_argument("--decoder_num_layers", type=int, help="Blocks of the mask transformer decoder (default 2).")
-    add_msvit_arguments(parser)
-    add_optimisation_arguments(parser, train_batch_size=64, eval_batch_size=128, num_train_epochs=2)
-    outputs = add_bookkeeping_arguments(parser)
-    outputs.add_argument("--num_prediction_images", type=int, default=4, help="Validation images in predictions.png.")
-    evaluation = parser.add_argument_group("evaluation only")
-    evaluation.add_argument(
-        "--eval_only",
-        action="store_true",
-        help="Evaluate --model_name_or_path at each of --eval_budgets on --eval_split (no training); writes "
-        "budgets.json.",
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input size of a new model (the image processor resizes); default: the canvas size rounded up to "
+            "a multiple of the coarse patch. Converted and loaded models keep their own."
+        },
     )
-    evaluation.add_argument(
-        "--eval_budgets",
-        nargs="+",
-        type=budget,
-        default=list(DEFAULT_BUDGETS),
-        help="Fine ratios in [0, 1] (exactly that fraction of regions split per image), `threshold` (the gate "
-        "threshold: the saved one, or --gate_threshold), `all_fine`, `all_coarse`.",
+    canvas_size: int = field(default=96, metadata={"help": "Side of the composed scenes in pixels."})
+    max_items: int = field(default=4, metadata={"help": "At most this many items per scene."})
+    decoder_type: Literal["linear", "mask_transformer"] | None = field(
+        default=None, metadata={"help": "Segmenter's linear decoder (default) or mask transformer."}
     )
-    evaluation.add_argument(
-        "--eval_split", choices=("validation", "test"), default="validation", help="Split to measure."
+    decoder_num_layers: int | None = field(
+        default=None, metadata={"help": "Blocks of the mask transformer decoder (default 2)."}
     )
-    args = parse_with_recipe(parser, argv)
-    if args.eval_only:
-        if not args.model_name_or_path:
-            parser.error("--eval_only needs --model_name_or_path (a trained segmentation folder).")
-    elif args.stage is None:
-        parser.error(f"--stage is required (one of {', '.join(STAGES)}) unless --eval_only.")
-    elif args.stage == "scratch" and args.model_name_or_path:
-        parser.error("--stage scratch trains from random weights; use --stage joint to fine-tune a model.")
-    if args.split_policy != "gate" and args.stage == "gate":
-        parser.error("--split_policy replaces the gate: it applies to --stage scratch or joint.")
-    return args
+    num_train_epochs: int = with_default(OptimisationArguments, "num_train_epochs", 2)
+    per_device_train_batch_size: int = with_default(OptimisationArguments, "per_device_train_batch_size", 64)
+    per_device_eval_batch_size: int = with_default(OptimisationArguments, "per_device_eval_batch_size", 128)
+    num_prediction_images: int = field(default=4, metadata={"help": "Validation images in predictions.png."})
+    eval_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate --model_name_or_path at each of --eval_budgets on --eval_split (no training); writes "
+            "budgets.json."
+        },
+    )
+    eval_budgets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_BUDGETS),
+        metadata={
+            "help": "Fine ratios in [0, 1] (exactly that fraction of regions split per image), `threshold` (the gate "
+            "threshold: the saved one, or --gate_threshold), `all_fine`, `all_coarse`."
+        },
+    )
+    eval_split: Literal["validation", "test"] = field(default="validation", metadata={"help": "Split to measure."})
+
+    def validate(self) -> None:
+        super().validate()
+        for spec in self.eval_budgets:
+            if not is_budget(str(spec)):
+                raise ValueError(
+                    f"--eval_budgets: {spec!r} is not a budget: give a fine ratio in [0, 1], 'threshold', 'all_fine' "
+                    "or 'all_coarse'."
+                )
+        if self.eval_only:
+            if not self.model_name_or_path:
+                raise ValueError("--eval_only needs --model_name_or_path (a trained segmentation folder).")
+        elif self.stage is None:
+            raise ValueError(f"--stage is required (one of {', '.join(STAGES)}) unless --eval_only.")
+        elif self.stage == "scratch" and self.model_name_or_path:
+            raise ValueError("--stage scratch trains from random weights; use --stage joint to fine-tune a model.")
+        if self.stage in ("gate", "joint") and not self.model_name_or_path:
+            raise ValueError(f"--stage {self.stage} needs --model_name_or_path (the model to start from).")
+        if self.split_policy != "gate" and self.stage == "gate":
+            raise ValueError("--split_policy replaces the gate: it applies to --stage scratch or joint.")
 
 
-def build_model(args: argparse.Namespace) -> tuple[MSViTForSemanticSegmentation, SegformerImageProcessorPil]:
+def build_model(args: SegmentationArguments) -> tuple[MSViTForSemanticSegmentation, SegformerImageProcessorPil]:
     """The segmenter of the stage and its image processor (a segmentation folder's own, else a new one)."""
     id2label, label2id = scene_label_maps()
     source = args.model_name_or_path
@@ -202,7 +210,7 @@ def build_model(args: argparse.Namespace) -> tuple[MSViTForSemanticSegmentation,
     return model, processor
 
 
-def training_inputs(batch: dict, args: argparse.Namespace, config) -> dict:
+def training_inputs(batch: dict, args: SegmentationArguments, config) -> dict:
     """The model's arguments for one training batch: images and masks flipped together (from torch's global seed,
     which the loop sets per step), and the decisions of a non-gate `--split_policy`."""
     pixel_values, labels = batch["pixel_values"], batch["labels"]
@@ -218,7 +226,7 @@ def training_inputs(batch: dict, args: argparse.Namespace, config) -> dict:
 def evaluate_budgets(
     model: torch.nn.Module, dataloader, accelerator: Accelerator, metric, budgets: Sequence[str]
 ) -> dict[str, dict]:
-    """`evaluate_segmenter` results of one trained segmenter at each budget (see `budget`), keyed
+    """`evaluate_segmenter` results of one trained segmenter at each budget (see `is_budget`), keyed
     `fine_ratio=X`, `threshold=X`, `all_fine`, `all_coarse`. The model's own budget is restored afterwards."""
     config = accelerator.unwrap_model(model).config
     saved = config.fine_ratio_budget
@@ -238,8 +246,10 @@ def evaluate_budgets(
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def train_segmenter(args: SegmentationArguments) -> dict:
+    """Train and evaluate as `args` say, or with `eval_only` evaluate at each budget; write the run's folder (see the
+    module docstring) and return its results."""
+    args.validate()
     accelerator = Accelerator(**accelerator_kwargs(args))
     set_seed(args.seed)
 
@@ -279,6 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
         export_trained_segmenter(unwrapped, processor, results, run.output_dir, args, list(validation["image"]), batch)
     accelerator.end_training()
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line (default: `sys.argv`), a `--config` recipe's values under it."""
+    return train_segmenter(parse_arguments(SegmentationArguments, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ splits per image, or None for the learned gate. For fine-tuning, `uniform_densit
 image its own uniformly random number of splits, taken in the order of a policy's scores (`policy_scores`).
 """
 
+from typing import Literal, get_args
+
 import torch
 
 
-SPLIT_POLICIES = ("gate", "random", "centre", "all_coarse", "all_fine")
+SplitPolicy = Literal["gate", "random", "centre", "all_coarse", "all_fine"]
+SPLIT_POLICIES = get_args(SplitPolicy)
 
 
 def centre_prior_order(coarse_grid: tuple[int, int]) -> torch.Tensor:

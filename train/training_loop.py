@@ -1,8 +1,8 @@
-"""What the training scripts (`run_classification.py`, `run_segmentation.py`) share: their common flags, MSViT
-config overrides and budgets, seeded flips, the optimiser and schedule, exact resume, the training loop with its
-progress bar, JSON-lines log and checkpoints, and saving the trained model.
+"""What the training scripts (`run_classification.py`, `run_segmentation.py`) share besides their arguments
+(`arguments.py`): MSViT config overrides and budgets, seeded flips, the optimiser and schedule, exact resume, the
+training loop with its progress bar, JSON-lines log and checkpoints, and saving the trained model.
 
-A script's `main`:
+A script's entry point (`train_classifier(args)`):
 
     accelerator = Accelerator(**accelerator_kwargs(args))
     ...  # data, model (with `msvit_overrides`, `apply_budget`, `freeze_all_but_gate`), data loaders, metric
@@ -12,12 +12,11 @@ A script's `main`:
     unwrapped = run.save(processor, results)  # the trained model on the main process, None on the others
 """
 
-import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,9 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from msvit.train.arguments import CommonArguments, ModelArguments, MSViTArguments
 from msvit.train.evaluation import is_msvit
-from msvit.train.recipes import load_recipe
-from msvit.train.split_policies import SPLIT_POLICIES
 
 
 MSVIT_OVERRIDES = (
@@ -48,131 +46,10 @@ MSVIT_OVERRIDES = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# arguments
-
-
-def add_data_arguments(
-    parser: argparse.ArgumentParser, *, dataset: str, dataset_help: str, image_size_help: str
-) -> argparse._ArgumentGroup:
-    """The data flags both scripts take; a script adds its own to the returned group."""
-    group = parser.add_argument_group("data")
-    add = group.add_argument
-    add("--dataset", default=dataset, help=dataset_help)
-    add("--data_dir", help="Folder of the Fashion-MNIST IDX files (default: the Debian package's).")
-    add("--max_train_samples", type=int, help="Train on a fixed random subset of this size.")
-    add("--max_eval_samples", type=int, help="Evaluate on fixed random subsets of this size.")
-    add("--image_size", type=int, help=image_size_help)
-    add("--no_hflip", action="store_true", help="Disable random horizontal flips in training.")
-    return group
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    add = group.add_argument
-    add("--patch_size", type=int, default=8, help="(Fine) patch size of a new model.")
-    add("--coarse_patch_size", type=int, help="MSViT coarse patch size (default: twice the patch size).")
-    add("--hidden_size", type=int, default=128, help="Width of a new model.")
-    add("--num_hidden_layers", type=int, default=4, help="Depth of a new model.")
-    add("--num_attention_heads", type=int, default=4, help="Heads of a new model.")
-    add("--intermediate_size", type=int, help="MLP size of a new model (default: 4 x width).")
-
-
-def add_msvit_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("MSViT gate and budget")
-    add = group.add_argument
-    add("--target_fine_ratio", type=float, help="MSViT: fraction of regions the gate loss aims to split.")
-    add(
-        "--gate_type",
-        choices=("learned", "entropy", "std"),
-        help="MSViT: the learned gate, or a training-free rule on the region's pixels (entropy, std).",
-    )
-    add(
-        "--gate_objective",
-        choices=("counterfactual", "straight_through"),
-        help="MSViT: how the gate learns: counterfactual region flips, or the paper's straight-through + budget loss.",
-    )
-    add("--counterfactual_flips", type=int, help="MSViT counterfactual objective: regions flipped per image.")
-    add("--counterfactual_target_scale", type=float, help="MSViT counterfactual objective: logit = scale x loss drop.")
-    add(
-        "--counterfactual_layouts",
-        choices=("gate", "uniform"),
-        help="MSViT counterfactual objective: training layouts from the gate (+ Gumbel noise) or uniformly random.",
-    )
-    add(
-        "--no_size_aware_attention",
-        action="store_true",
-        help="MSViT ablation: no log(r^2) attention bias on coarse keys (the behaviour of models saved before it).",
-    )
-    add("--gate_loss_type", choices=("gbas", "bas", "ratio"), help="MSViT straight-through objective: budget loss.")
-    add("--gate_loss_weight", type=float, help="MSViT: weight of the gate loss.")
-    add("--train_token_path", choices=("masked", "gathered"), help="MSViT: execution path in training.")
-    add(
-        "--masked_path_attention",
-        choices=("key_mask", "masked_softmax"),
-        help="MSViT: how the masked path hides inactive tokens (masked_softmax: DynamicViT's, gradient from both).",
-    )
-    add("--gate_temperature", type=float, help="MSViT: Gumbel-sigmoid temperature in training.")
-    add("--separate_coarse_embedding", action="store_true", help="MSViT ablation: own coarse patch embedding.")
-    add("--split_policy", choices=SPLIT_POLICIES, default="gate", help="Who decides the splits (baselines).")
-    add("--gate_threshold", type=float, help="MSViT: inference threshold on the split probability.")
-    add("--fine_ratio_budget", type=float, help="MSViT: split exactly this fraction of regions at inference.")
-
-
-def add_optimisation_arguments(
-    parser: argparse.ArgumentParser, *, train_batch_size: int, eval_batch_size: int, num_train_epochs: int
-) -> None:
-    group = parser.add_argument_group("optimisation")
-    add = group.add_argument
-    add("--learning_rate", type=float, default=1e-3, help="Peak learning rate (AdamW).")
-    add("--weight_decay", type=float, default=0.05, help="AdamW weight decay.")
-    add("--num_train_epochs", type=int, default=num_train_epochs, help="Epochs (ignored with --max_train_steps).")
-    add("--max_train_steps", type=int, help="Total optimisation steps.")
-    add(
-        "--warmup_ratio", type=float, default=0.05, help="Fraction of steps of linear warm-up before the cosine decay."
-    )
-    add("--per_device_train_batch_size", type=int, default=train_batch_size, help="Batch size per process, training.")
-    add("--per_device_eval_batch_size", type=int, default=eval_batch_size, help="Batch size per process, evaluation.")
-    add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimisation step.")
-    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    add(
-        "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        help="Mixed precision mode (default: the `accelerate launch` config's, else no).",
-    )
-    add("--seed", type=int, default=0, help="Seed of everything: weights, data order, flips, Gumbel noise.")
-
-
-def add_bookkeeping_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Logging, checkpoint and output flags; a script adds its figures' flags to the returned group."""
-    group = parser.add_argument_group("logging, checkpoints and outputs")
-    add = group.add_argument
-    add("--logging_steps", type=int, default=20, help="Log training metrics every N steps.")
-    add("--eval_steps", type=int, help="Evaluate on validation every N steps (default: every epoch).")
-    add("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N steps.")
-    add("--resume_from_checkpoint", help="A checkpoints/step_N folder to continue from (exactly).")
-    add("--report_to", default="none", help="Also log to this tracker (e.g. tensorboard), via Accelerate.")
-    add("--skip_test", action="store_true", help="Do not evaluate on the test split at the end.")
-    add("--skip_export", action="store_true", help="Do not write the Hub folder and the figures.")
-    return group
-
-
-def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse `argv` (default: the command line) after the arguments of its `--config` recipe, so later flags win."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = argparse.ArgumentParser(add_help=False)
-    recipe.add_argument("--config")
-    config = recipe.parse_known_args(argv)[0].config
-    args = parser.parse_args((load_recipe(config) if config else []) + argv)
-    if args.stage in ("gate", "joint") and not args.model_name_or_path:
-        parser.error(f"--stage {args.stage} needs --model_name_or_path.")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # model set-up
 
 
-def size_fields(args: argparse.Namespace) -> dict:
+def size_fields(args: ModelArguments) -> dict:
     """Width and depth of a new model, from the model flags."""
     return dict(
         hidden_size=args.hidden_size,
@@ -182,8 +59,8 @@ def size_fields(args: argparse.Namespace) -> dict:
     )
 
 
-def msvit_overrides(args: argparse.Namespace) -> dict:
-    """The MSViT config fields given on the command line."""
+def msvit_overrides(args: MSViTArguments) -> dict:
+    """The MSViT config fields the arguments set."""
     overrides = {name: getattr(args, name) for name in MSVIT_OVERRIDES if getattr(args, name) is not None}
     if args.separate_coarse_embedding:
         overrides["separate_coarse_embedding"] = True
@@ -198,7 +75,7 @@ def freeze_all_but_gate(model: torch.nn.Module) -> None:
         parameter.requires_grad = ".gate." in name or ".gate_criterion." in name
 
 
-def apply_budget(model: torch.nn.Module, args: argparse.Namespace) -> None:
+def apply_budget(model: torch.nn.Module, args: MSViTArguments) -> None:
     """The inference knobs `--gate_threshold` and `--fine_ratio_budget` (a fixed budget takes precedence)."""
     if args.gate_threshold is not None:
         model.set_budget(threshold=args.gate_threshold)
@@ -216,7 +93,7 @@ def random_hflip(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
-def step_seed(args: argparse.Namespace, epoch: int, batch_index: int, process_index: int) -> int:
+def step_seed(args: CommonArguments, epoch: int, batch_index: int, process_index: int) -> int:
     """A seed per (run, epoch, batch, process). Every training step re-seeds torch with it, so flips, Gumbel noise,
     dropout and random split masks depend on nothing else, and a resumed run repeats them exactly."""
     return (((args.seed * 1_000_003 + epoch) * 1_000_003 + batch_index) * 1_024 + process_index) % 2**63
@@ -249,7 +126,7 @@ class JsonLinesLogger:
                 file.write(json.dumps(record) + "\n")
 
 
-def make_dataloaders(dataset, transform: Callable, collate_fn: Callable, args: argparse.Namespace) -> tuple:
+def make_dataloaders(dataset, transform: Callable, collate_fn: Callable, args: CommonArguments) -> tuple:
     """The shuffled train loader and the validation and test loaders of `dataset` (a `DatasetDict`) through
     `transform`. One deterministic transform for every split: training flips happen in the loop, seeded per step, so
     that a resumed run sees exactly the same batches."""
@@ -268,7 +145,7 @@ def make_dataloaders(dataset, transform: Callable, collate_fn: Callable, args: a
     return train_dataloader, eval_dataloaders
 
 
-def accelerator_kwargs(args: argparse.Namespace) -> dict:
+def accelerator_kwargs(args: CommonArguments) -> dict:
     """`Accelerator(**accelerator_kwargs(args))`: the seedable sampler makes the data order a function of the seed
     and epoch, which exact resume relies on."""
     return dict(
@@ -291,7 +168,7 @@ class TrainingRun:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        args: CommonArguments,
         accelerator: Accelerator,
         model: torch.nn.Module,
         train_dataloader,
@@ -327,7 +204,7 @@ class TrainingRun:
         )
         self.eval_dataloaders = {split: accelerator.prepare(loader) for split, loader in eval_dataloaders.items()}
         if args.report_to != "none":
-            accelerator.init_trackers("msvit", config={k: v for k, v in vars(args).items() if v is not None})
+            accelerator.init_trackers("msvit", config={k: v for k, v in asdict(args).items() if v is not None})
 
         self.completed_steps, self.starting_epoch, self.resume_batches = 0, 0, 0
         if args.resume_from_checkpoint:
