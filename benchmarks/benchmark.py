@@ -14,7 +14,7 @@ Sections:
   inputs (`compute_macs` / `vit_macs`) and images/s.
 * `ragged`: batches whose images have different fine ratios (forced split masks, mean = `--ragged_mean`), at each
   precision and `--ragged_batch_sizes`, run padded (every layer on the batch padded to its longest image) and packed
-  (the layers on the active tokens only, attention per image; `config.ragged_execution`) with each of
+  (the layers on the active tokens only, attention on the padded batch; `config.ragged_execution`) with each of
   `--ragged_attn`, against the fixed budget at the same mean ratio; efficiency = measured / MAC speed-up.
 * `training`: one optimizer step (forward, backward, AdamW) of the ViT/16 and of the MSViT on the masked path (all
   `1 + Nc + Nf` candidate tokens, both masked-path attentions) and on the gathered path.

@@ -159,8 +159,8 @@ def write_table(results: dict, path: Path) -> str:
             f"**Ragged batches** (per-image fine ratios spread evenly over ±0.25 around the mean: "
             f"{first['tokens_min']}–{first['tokens_max']} tokens, mean {first['tokens_mean']:.0f}. *padded*: every "
             "layer runs on the batch padded to its longest image; *packed* (`config.ragged_execution`, the default): "
-            "the layers run on the active tokens only and attention per image; *fixed budget*: every image at the "
-            "mean ratio. Efficiency: measured speed-up / MAC speed-up)",
+            "the layers run on the active tokens only, attention on the padded batch; *fixed budget*: every image at "
+            "the mean ratio. Efficiency: measured speed-up / MAC speed-up)",
             "",
             "| precision | batch | path | attention | speed-up vs ViT/16 | MAC speed-up | efficiency | images/s |",
             "|---|---|---|---|---|---|---|---|",

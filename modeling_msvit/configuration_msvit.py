@@ -106,12 +106,11 @@ class MSViTConfig(PreTrainedConfig):
         ragged_execution (`str`, *optional*, defaults to `"packed"`):
             How an inference batch whose images have different token counts (threshold mode, forced decisions) runs
             on the gathered path. `"packed"`: layer norms, projections and MLPs run on the batch's active tokens as
-            one `(total_tokens, hidden_size)` matrix, and attention per image: with SDPA on CPU one call per image,
-            otherwise on the batch padded to its longest image under the same mask. `"padded"`: every layer runs on
-            the padded batch. Both give the same outputs in the same format (padded per image, with `token_mask`);
-            packed skips the padding's share of the compute. Training, the fixed budget and batches whose images all
-            have the same count are not packed (there is no padding to skip). On a CPU shared with other busy
-            processes, the many small per-image attention calls can make `"padded"` faster.
+            one `(total_tokens, hidden_size)` matrix, and attention runs once on the batch padded to its longest
+            image, under the same mask. `"padded"`: every layer runs on the padded batch. Both give the same outputs
+            in the same format (padded per image, with `token_mask`); packed skips the padding's share of the
+            projections and MLPs. Training, the fixed budget and batches whose images all have the same count are not
+            packed (there is no padding to skip).
         masked_path_attention (`str`, *optional*, defaults to `"key_mask"`):
             How the masked path hides inactive tokens: `"key_mask"` (a boolean key mask; inactive tokens are also
             multiplied by 0, so the gate hears only from the alternative it chose) or `"masked_softmax"` (DynamicViT's

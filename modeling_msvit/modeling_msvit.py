@@ -2,7 +2,6 @@
 """PyTorch MSViT: Dynamic Mixed-Scale Tokenization for Vision Transformers (Havtorn et al., ICCVW 2023)."""
 
 import functools
-import itertools
 import math
 import os
 from collections.abc import Callable
@@ -136,22 +135,22 @@ class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 class PackedTokens:
     """A ragged batch run packed (internal): its active tokens form one `(T, D)` matrix, image after image.
 
-    `rows` `(T,)` are the packed tokens' rows in the padded batch flattened to `(B * L, D)`, `padded_rows` `(B, L)`
-    the packed row each padded position reads (`packed_token_rows`, `padded_token_rows`), and `image_rows` each
-    image's rows of the packed matrix (read on the host with the batch's lengths).
+    `rows` `(T,)` are the packed tokens' rows in the padded batch flattened to `(B * L, D)`, and `padded_rows`
+    `(B, L)` the packed row each padded position reads (`packed_token_rows`, `padded_token_rows`).
 
-    Attention, measured on 2 CPU threads (msvit-tiny, 86-161 tokens per image, 4 layers), as speed-ups over the
-    padded batch at batches of 8-64 in fp32: one SDPA call per image on slices of the packed tokens 1.19-1.40x (in
-    bf16 at batch 32 1.46x); padding only inside attention (three gathers in, one out) 1.13-1.37x (bf16: 1.16x);
-    padding the normalised input of the projections 1.07-1.20x; SDPA on nested jagged tensors 0.42x (a slower
-    kernel per sequence). Flex attention over all `T` tokens with a document mask took 2.3x the per-image calls'
-    time on 1 thread (batch 32, without its block mask, which took longer still), and compiles for every total
+    Layer norms, projections and MLPs run on the packed matrix; attention pads its query, key and value projections
+    and runs once on the batch, under the batch's mask. Measured side by side on 2 CPU threads (msvit-tiny, 86-161
+    tokens per image, batches of 8-64), as speed-ups of the whole forward over the padded batch: on an Intel Xeon
+    1.15-1.25x in fp32 and 1.04-1.09x in bf16, where one SDPA call per image on slices of the packed tokens was as
+    fast in fp32 (1.12-1.28x) but slower than the padded batch in bf16 (0.92-0.94x: the small per-image calls
+    parallelise poorly once the GEMMs are fast); on an AMD EPYC per-image calls were 1.19-1.40x and padding inside
+    attention 1.13-1.37x (fp32). SDPA on nested jagged tensors ran 0.42x (a slower kernel per sequence), and flex
+    attention over all `T` tokens with a document mask 2.3x slower than per-image calls, compiling for every total
     token count (static shapes on CPU).
     """
 
     rows: torch.Tensor
     padded_rows: torch.Tensor
-    image_rows: list[slice]
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """`(B, L, D)` -> `(T, D)`."""
@@ -408,11 +407,8 @@ class MSViTEmbeddings(nn.Module):
                 length = longest - 1  # CLS comes later
                 padded, has_coarse = shortest < longest, shortest < 1 + num_coarse * self.ratio**2
                 if padded and not self.training and self.config.ragged_execution == "packed":
-                    ends = itertools.accumulate(host_counts)
                     packed = PackedTokens(
-                        rows=packed_token_rows(counts, longest, total),
-                        padded_rows=padded_token_rows(counts, longest),
-                        image_rows=[slice(end - count, end) for count, end in zip(host_counts, ends)],
+                        rows=packed_token_rows(counts, longest, total), padded_rows=padded_token_rows(counts, longest)
                     )
             index, valid = gathered_token_index(split_mask, self.ratio, length)
             candidates = gather_tokens(candidates, index)
@@ -567,35 +563,13 @@ class MSViTAttention(nn.Module):
         states = [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)]
         if packed_tokens is None:
             attn_output, attn_weights = self._attend(attention_interface, states, attention_mask, **kwargs)
-        elif self.config._attn_implementation == "sdpa" and hidden_states.device.type == "cpu":
-            # one SDPA call per image also skips the padding's share of attention: faster than one padded call on CPU
-            attn_output = self._attend_per_image(attention_interface, states, attention_mask, packed_tokens, **kwargs)
-            attn_weights = None
         else:
-            # attention on the padded batch, under its mask: an accelerator would launch kernels per image, flex
-            # attention would compile for every new image length, and eager attention returns its maps padded
+            # one attention call on the padded projections: the GEMMs skip the padding, and a single call parallelises
+            # better than one per image (`PackedTokens`)
             padded = [packed_tokens.pad(projected) for projected in states]
             attn_output, attn_weights = self._attend(attention_interface, padded, attention_mask, **kwargs)
             attn_output = packed_tokens.pack(attn_output)
         return self.o_proj(attn_output), attn_weights
-
-    def _attend_per_image(
-        self,
-        attention_interface: Callable,
-        states: list[torch.Tensor],
-        attention_mask: torch.Tensor,
-        packed_tokens: PackedTokens,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Attention image by image on slices of the packed `(T, D)` projections, each under its own corner of the
-        padded batch's mask: the `(T, D)` output, with no padding anywhere."""
-        outputs = []
-        for image, rows in enumerate(packed_tokens.image_rows):
-            length = rows.stop - rows.start
-            image_states = [projected[rows][None] for projected in states]
-            image_mask = attention_mask[image : image + 1, :, :length, :length]
-            outputs.append(self._attend(attention_interface, image_states, image_mask, **kwargs)[0][0])
-        return torch.cat(outputs)
 
     def _attend(
         self, attention_interface: Callable, states: list[torch.Tensor], attention_mask, **kwargs
@@ -967,7 +941,7 @@ class MSViTModel(MSViTPreTrainedModel):
         all_attentions = () if output_attentions else None
         packed = tokens.packed
         if packed is not None:
-            # a ragged inference batch: the layers run on its active tokens only, attention per image
+            # a ragged inference batch: the layers run on its active tokens only, attention on the padded batch
             hidden_states = packed.pack(hidden_states)
             kwargs["packed_tokens"] = packed
         for layer in self.layers:

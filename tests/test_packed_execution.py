@@ -1,7 +1,7 @@
-"""Packed execution of ragged batches: the layers run on the active tokens only, attention per image.
+"""Packed execution of ragged batches: the layers run on the active tokens only, attention on the padded batch.
 
 Packed, padded (`ragged_execution="padded"`) and one image at a time give the same outputs, on every attention
-backend (SDPA on CPU attends image by image, eager and flex attention on the padded batch), with and without
+backend (SDPA, eager and flex attention), with and without
 size-aware attention, for both heads; the output format stays padded per image; a packed batch costs the MACs of its
 own tokens; a ragged batch synchronises with the host once. Length bucketing groups images by the token counts the
 gate predicts.
@@ -144,7 +144,8 @@ def test_packing_only_where_there_is_padding_to_skip():
 def test_a_packed_batch_costs_the_macs_of_its_own_tokens():
     """Measured with the flop counter (given the formula of CPU SDPA, which it lacks): packed, the batch costs the
     sum of its images' analytic MACs plus the patch embedding of its padding (the embeddings are padded, then
-    packed); padded, every image costs as much as the longest."""
+    packed) and the padding's share of attention (`QK^T` and `AV`, 2 L^2 D per image and layer, at the longest
+    length); padded, every image costs as much as the longest."""
     config = dict(num_labels=10, num_hidden_layers=2, attn_implementation="sdpa")
     packed = MSViTForImageClassification(load_preset("msvit-tiny", **config)).eval()
     padded = MSViTForImageClassification(load_preset("msvit-tiny", ragged_execution="padded", **config)).eval()
@@ -163,7 +164,8 @@ def test_a_packed_batch_costs_the_macs_of_its_own_tokens():
             model(pixel_values, split_mask=layouts)
         measured[name] = counter.get_total_flops() // 2
     padding_embedding = (4 * int(counts.max()) - int(counts.sum())) * 3 * 16**2 * 192
-    assert measured["packed"] == packed.compute_macs(counts).sum().item() + padding_embedding
+    padding_attention = 2 * 2 * 192 * (4 * int(counts.max()) ** 2 - int((counts**2).sum()))
+    assert measured["packed"] == packed.compute_macs(counts).sum().item() + padding_embedding + padding_attention
     assert measured["padded"] == packed.compute_macs(counts.max().expand(4)).sum().item() > 1.3 * measured["packed"]
 
 
