@@ -57,7 +57,7 @@ README_END = "<!-- gate-study:end -->"
 ABLATIONS = {
     "counterfactual (size-aware attention off)": ("counterfactual", dict(size_aware_attention=False)),
     "counterfactual (flips=4)": ("counterfactual", dict(counterfactual_flips=4)),
-    "counterfactual (target_scale=1)": ("counterfactual", dict(counterfactual_target_scale=1.0)),
+    "counterfactual (target_scale=10)": ("counterfactual", dict(counterfactual_target_scale=10.0)),
     "counterfactual (layouts=uniform)": ("counterfactual", dict(counterfactual_layouts="uniform")),
     "straight_through (gBaS)": ("straight_through", dict(gate_loss_type="gbas")),
     "straight_through (BaS)": ("straight_through", dict(gate_loss_type="bas")),

@@ -126,9 +126,11 @@ class MSViTConfig(PreTrainedConfig):
             A `config.json` saved without this field loads with `"straight_through"`.
         counterfactual_flips (`int`, *optional*, defaults to 1):
             Regions flipped per image and training step (counterfactual objective); each costs one image's forward.
-        counterfactual_target_scale (`float`, *optional*, defaults to 10.0):
+        counterfactual_target_scale (`float`, *optional*, defaults to 1.0):
             The split logit regresses this times the measured loss drop. With it, `gate_threshold=t` splits the
-            regions whose predicted loss drop exceeds `logit(t) / counterfactual_target_scale` nats.
+            regions whose predicted loss drop exceeds `logit(t) / counterfactual_target_scale` nats. On the
+            evidence's frozen ViT/8, 1 gave a better and steadier gate than 10 (84.16 +- 0.03 % against 83.75 +- 0.56 %
+            at fine ratio 0.5, 3 seeds): the larger targets make the regression's steps noisier.
         counterfactual_layouts (`str`, *optional*, defaults to `"gate"`):
             How the counterfactual objective samples each training layout: a fine ratio uniform in [0, 1] per image,
             and then the regions with the highest gate logits plus Gumbel noise (`"gate"`: layouts like those the
@@ -205,7 +207,7 @@ class MSViTConfig(PreTrainedConfig):
     masked_path_attention: str = "key_mask"
     gate_objective: str = "counterfactual"
     counterfactual_flips: int = 1
-    counterfactual_target_scale: float | int = 10.0
+    counterfactual_target_scale: float | int = 1.0
     counterfactual_layouts: str = "gate"
     gate_loss_type: str = "gbas"
     target_fine_ratio: float | int = 0.5

@@ -62,7 +62,12 @@ def record_flips(monkeypatch) -> list[torch.Tensor]:
 @pytest.mark.parametrize("token_path", ["masked", "gathered"])
 @pytest.mark.parametrize("num_flips", [1, 3])
 def test_gate_loss_regresses_the_measured_loss_drop_of_each_flip(monkeypatch, pixel_values, token_path, num_flips):
-    config = tiny_config(train_token_path=token_path, counterfactual_flips=num_flips, gate_loss_weight=0.5)
+    config = tiny_config(
+        train_token_path=token_path,
+        counterfactual_flips=num_flips,
+        gate_loss_weight=0.5,
+        counterfactual_target_scale=10.0,
+    )
     model = MSViTForImageClassification(config).train()
     labels = torch.arange(8) % 5
     flips = record_flips(monkeypatch)
@@ -106,7 +111,9 @@ def test_gate_gradient_comes_from_the_regression_and_forced_decisions_have_none(
 
 
 def test_segmentation_regresses_per_image_loss_drops(monkeypatch):
-    model = MSViTForSemanticSegmentation(tiny_config(num_labels=4, counterfactual_flips=2)).train()
+    model = MSViTForSemanticSegmentation(
+        tiny_config(num_labels=4, counterfactual_flips=2, counterfactual_target_scale=10.0)
+    ).train()
     pixel_values, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
     labels[0, :8] = 255
     flips = record_flips(monkeypatch)

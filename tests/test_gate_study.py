@@ -93,7 +93,7 @@ def test_gate_study_runs_resumes_and_rewrites_the_readme(tmp_path):
     kinds = {(row["kind"], row["tuning"], row["budget"]) for row in rows.values()}
     frozen = {"all_fine", "all_coarse", "content", "random", "centre", "entropy", "counterfactual", "straight_through"}
     ablations = {
-        "counterfactual (size-aware attention off)", "counterfactual (flips=4)", "counterfactual (target_scale=1)",
+        "counterfactual (size-aware attention off)", "counterfactual (flips=4)", "counterfactual (target_scale=10)",
         "counterfactual (layouts=uniform)", "straight_through (gBaS)", "straight_through (BaS)",
     }  # fmt: skip
     finetuned = frozen - {"content"}
