@@ -51,6 +51,11 @@ STUDIES = {
     "shared": ("vit-p8", "translated_fashion_mnist"),
     "cluttered": ("vit-p8-cluttered", "cluttered_translated_fashion_mnist"),
 }
+# study -> (accuracy-vs-GMACs plot, gate maps)
+FIGURES = {
+    "shared": ("accuracy_vs_gmacs.png", "gate_maps.png"),
+    "cluttered": ("accuracy_vs_gmacs-cluttered.png", "gate_maps-cluttered.png"),
+}
 STEPS = (*BACKBONES, "shared", "vit-p8-cluttered", "cluttered", *(f"scratch-{ratio}" for ratio in SCRATCH_RATIOS))
 
 
@@ -269,18 +274,19 @@ def summarise(args: EvidenceArguments) -> dict:
     precondition = out / "precondition.json"
     if precondition.is_file():
         summary["precondition"] = json.loads(precondition.read_text())
-    sections = ["### Trained from scratch (seed 0)", "", from_scratch_table(summary["from_scratch"])]
+    sections = ["#### Trained from scratch (seed 0)", "", from_scratch_table(summary["from_scratch"])]
     for name, title in (("shared", "On the shared ViT/8"), ("cluttered", "Cluttered bench, on its own ViT/8")):
         results = study_results(out, name)
         if results:
             summary[name] = results
-            sections += [f"### {title}", "", summary_table(results["rows"], results["throughput"])]
+            sections += [f"#### {title}", "", summary_table(results["rows"], results["throughput"])]
     (out / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text("\n".join(sections))
-    plot_accuracy_vs_gmacs(summary, out / "accuracy_vs_gmacs.png")
     plot_learning_curves(summary["from_scratch"], out / "learning_curves.png")
-    if "shared" in summary:
-        shared_gate_maps(args, out / "gate_maps.png")
+    for name in STUDIES:
+        if name in summary:
+            plot_accuracy_vs_gmacs(summary, name, out / FIGURES[name][0])
+            study_gate_maps(args, name, out / FIGURES[name][1])
     if args.readme:
         replace_section(Path(args.readme), README_START, README_END, readme_section(args, "\n".join(sections)))
     return summary
@@ -300,11 +306,17 @@ def readme_section(args: EvidenceArguments, tables: str) -> str:
         "Test set: 10,000 canvases with seeded placements. Throughput: inference, batch 128, median of "
         f"{args.timing_repeats} interleaved repetitions, relative to the ViT/8."
     )
-    plots = (
-        f"![Test top-1 against GMACs, frozen and fine-tuned]({out}/accuracy_vs_gmacs.png)\n\n"
-        f"![Gate maps at fine ratio 0.5 on the frozen ViT/8: entropy, straight-through, counterfactual]"
-        f"({out}/gate_maps.png)\n\n![Validation curves of the models trained from scratch]({out}/learning_curves.png)"
-    )
+    gates = "entropy, straight-through, counterfactual"
+    plots = []
+    for study, bench in (("shared", "the frozen ViT/8"), ("cluttered", "the cluttered bench's frozen ViT/8")):
+        accuracy, maps = FIGURES[study]
+        if (Path(out) / accuracy).is_file():
+            plots += [
+                f"![Test top-1 against GMACs on {bench} and fine-tuned]({out}/{accuracy})",
+                f"![Gate maps at fine ratio 0.5 on {bench}: {gates}]({out}/{maps})",
+            ]
+    plots.append(f"![Validation curves of the models trained from scratch]({out}/learning_curves.png)")
+    plots = "\n\n".join(plots)
     return f"{protocol}\n\n{tables}\n{plots}"
 
 
@@ -336,18 +348,16 @@ COLOURS = {"counterfactual": "tab:orange", "straight_through": "tab:purple", "en
            "content": "tab:olive"}  # fmt: skip
 
 
-def plot_accuracy_vs_gmacs(summary: dict, path: Path) -> None:
-    """Test top-1 against GMACs, frozen and fine-tuned side by side: mean ± std over seeds of every shared-backbone
-    policy at its fixed budgets, and the models trained from scratch."""
-    if "shared" not in summary:
-        return
+def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
+    """Test top-1 against GMACs, frozen and fine-tuned side by side: mean ± std over seeds of every policy of the
+    `study` at its fixed budgets, and (on the shared backbone's bench) the models trained from scratch."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     figure, panels = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    groups = group_rows(summary["shared"]["rows"])
+    groups = group_rows(summary[study]["rows"])
     for axes, tuning in zip(panels, ("frozen", "fine-tuned")):
         curves: dict[str, list[tuple]] = {}
         for (kind, group_tuning, budget), group in groups.items():
@@ -362,13 +372,15 @@ def plot_accuracy_vs_gmacs(summary: dict, path: Path) -> None:
             gmacs, accuracy, spread = zip(*sorted(points))
             axes.errorbar(gmacs, accuracy, yerr=spread, color=COLOURS[kind], marker="o", markersize=4, capsize=3,
                           label=kind)  # fmt: skip
-        for row in summary["from_scratch"]:
+        for row in summary["from_scratch"] if study == "shared" else []:
             if row["name"] == "vit-p8-cluttered":
                 continue
             axes.scatter(row["gmacs"], 100 * row["test_accuracy"], color="tab:red", marker="s")
             axes.annotate(row["name"], (row["gmacs"], 100 * row["test_accuracy"]), fontsize=7, xytext=(3, 3),
                           textcoords="offset points")  # fmt: skip
-        axes.set_title(f"shared ViT/8, {tuning} (3 seeds), and models trained from scratch (squares)")
+        title = "shared ViT/8" if study == "shared" else "cluttered bench, its own ViT/8"
+        from_scratch = ", and models trained from scratch (squares)" if study == "shared" else ""
+        axes.set_title(f"{title}, {tuning} (mean ± std over seeds){from_scratch}")
         axes.set_xlabel("GMACs per image")
         axes.grid(alpha=0.3)
         axes.title.set_fontsize(9)
@@ -379,22 +391,23 @@ def plot_accuracy_vs_gmacs(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def shared_gate_maps(args: EvidenceArguments, path: Path, num_images: int = 6) -> None:
-    """Gate maps at fine ratio 0.5 on the frozen shared ViT/8, one row per gate: entropy, straight-through and
-    counterfactual (seed of the first run), on the same first test images."""
+def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images: int = 6) -> None:
+    """Gate maps at fine ratio 0.5 on a study's frozen ViT/8, one row per gate: entropy, straight-through and
+    counterfactual (seed of the first run), on the same first test images of its bench."""
     out = Path(args.output_dir)
-    backbone = out / "vit-p8" / "model"
+    backbone_name, dataset = STUDIES[study]
+    backbone = out / backbone_name / "model"
     processor = AutoImageProcessor.from_pretrained(backbone)
-    test = load_classification_splits("translated_fashion_mnist", max_eval_samples=num_images)["test"]
+    test = load_classification_splits(dataset, max_eval_samples=num_images)["test"]
     images = [test[i]["image"] for i in range(num_images)]
     seed = args.seeds[0]
     gates = {
         "entropy": ({"gate_type": "entropy"}, None),
         "straight_through": (
             GATE_RECIPES["straight_through"],
-            gate_path(out / "shared", "straight_through", [0.5], seed),
+            gate_path(out / study, "straight_through", [0.5], seed),
         ),
-        "counterfactual": (GATE_RECIPES["counterfactual"], gate_path(out / "shared", "counterfactual", None, seed)),
+        "counterfactual": (GATE_RECIPES["counterfactual"], gate_path(out / study, "counterfactual", None, seed)),
     }
     rows = []
     for overrides, weights in gates.values():

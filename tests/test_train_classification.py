@@ -177,8 +177,15 @@ def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(
     assert "### Trained from scratch" in table and "### On the shared ViT/8" in table and "cluttered" not in table
     for plot in ("accuracy_vs_gmacs.png", "learning_curves.png", "gate_maps.png"):
         assert (tmp_path / plot).is_file()
+    assert not (tmp_path / "accuracy_vs_gmacs-cluttered.png").exists()
+    # the cluttered bench's summary, from a study on a stand-in for its backbone
+    shutil.copytree(tmp_path / "shared", tmp_path / "cluttered")
+    shutil.copytree(tmp_path / "vit-p8" / "model", tmp_path / "vit-p8-cluttered" / "model")
     mtime = (tmp_path / "vit-p8" / "results.json").stat().st_mtime
     evidence([*tiny, "--only", "vit-p8"])  # finished runs are skipped
     assert (tmp_path / "vit-p8" / "results.json").stat().st_mtime == mtime
+    assert "#### Cluttered bench, on its own ViT/8" in (tmp_path / "table.md").read_text()
+    for plot in ("accuracy_vs_gmacs-cluttered.png", "gate_maps-cluttered.png"):
+        assert (tmp_path / plot).is_file()
     with pytest.raises(ValueError, match="Unknown steps"):
         evidence([*tiny, "--only", "vit-p4"])
