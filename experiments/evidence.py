@@ -280,13 +280,11 @@ def summarise(args: EvidenceArguments) -> dict:
         if results:
             summary[name] = results
             sections += [f"#### {title}", "", summary_table(results["rows"], results["throughput"])]
+            plot_accuracy_vs_gmacs(summary, name, out / FIGURES[name][0])
+            study_gate_maps(args, name, out / FIGURES[name][1])
     (out / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text("\n".join(sections))
     plot_learning_curves(summary["from_scratch"], out / "learning_curves.png")
-    for name in STUDIES:
-        if name in summary:
-            plot_accuracy_vs_gmacs(summary, name, out / FIGURES[name][0])
-            study_gate_maps(args, name, out / FIGURES[name][1])
     if args.readme:
         replace_section(Path(args.readme), README_START, README_END, readme_section(args, "\n".join(sections)))
     return summary
