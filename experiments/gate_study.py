@@ -16,7 +16,8 @@ cluttered variant with `--dataset cluttered_translated_fashion_mnist`) is conver
 - **fine-tuned**: the same policies after the same fine-tuning of the whole model (`--finetune_epochs` at
   `--finetune_learning_rate`, every training image). All fine and all coarse fine-tune on their own layouts; random,
   centre and entropy on their own ranking at uniformly random densities (one fine-tuning serves every budget); the
-  counterfactual gate with its own objective (which samples such layouts too and keeps training the gate); the
+  counterfactual gate with its own objective (which then samples the gate's own ranking at uniformly random densities
+  too, and keeps training the gate); the
   straight-through gate with its own objective at its budget;
 - **ablations** at fine ratio 0.5, frozen: size-aware attention off, counterfactual flips, target scale and layout
   sampling, and the straight-through gate's budget loss (gBaS, BaS against the ratio loss).
@@ -55,7 +56,7 @@ ABLATIONS = {
     "counterfactual (size-aware attention off)": ("counterfactual", dict(size_aware_attention=False)),
     "counterfactual (flips=4)": ("counterfactual", dict(counterfactual_flips=4)),
     "counterfactual (target_scale=10)": ("counterfactual", dict(counterfactual_target_scale=10.0)),
-    "counterfactual (layouts=uniform)": ("counterfactual", dict(counterfactual_layouts="uniform")),
+    "counterfactual (layouts=gate)": ("counterfactual", dict(counterfactual_layouts="gate")),
     "straight_through (gBaS)": ("straight_through", dict(gate_loss_type="gbas")),
     "straight_through (BaS)": ("straight_through", dict(gate_loss_type="bas")),
 }

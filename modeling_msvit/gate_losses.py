@@ -4,9 +4,9 @@ region-flip objective.
 
 **Counterfactual objective.** The value of splitting region `j` of an image is measurable directly: the drop of the
 task loss when `j` is split instead of kept, all other regions fixed. A training step samples a layout per image
-(`sample_training_layouts`), picks regions to flip (`sample_flips`), runs the flipped layouts once more without
-gradients, and regresses each flipped region's split logit on `scale * loss drop`
-(`counterfactual_regression_loss`). The layout's own forward pass is shared by all its flips.
+(`sample_training_layouts`: the gate's own ranking at a random density), picks regions to flip (`sample_flips`), runs
+the flipped layouts once more without gradients, and regresses each flipped region's split logit on
+`scale * loss drop` (`counterfactual_regression_loss`). The layout's own forward pass is shared by all its flips.
 
 **Straight-through objective** (the paper's). All budget losses take `split_soft` of shape `(B, Nc)`: the relaxed
 (Gumbel-sigmoid) split value of every coarse region in a batch, in (0, 1). They shape the *distribution* of these
@@ -88,18 +88,18 @@ def sample_training_layouts(split_logits: torch.Tensor, mode: str) -> torch.Tens
     """Training layouts `(B, Nc)` bool for the counterfactual objective.
 
     Each image gets a fine ratio uniform in [0, 1] (so the gate learns the value of a region in sparse and in dense
-    layouts alike) and splits that many regions: those with the highest `split_logits + Gumbel noise` (`"gate"`,
-    layouts like the gate's own choices, explored) or uniformly random ones (`"uniform"`). No gradient flows.
+    layouts alike, and one training serves every budget) and splits that many regions: those with the highest
+    `split_logits` (`"gate"`: exactly the layouts the gate chooses at a fixed budget, so a backbone fine-tuned
+    alongside learns to read them) or uniformly random ones (`"uniform"`). Ties are broken at random. Exploration
+    comes from the random densities and the random flips, not from noise on the ranking: the logits are loss drops
+    of a few hundredths of a nat, which any fixed-scale noise would drown. No gradient flows.
     """
     batch_size, num_coarse = split_logits.shape
     num_split = torch.round(torch.rand(batch_size, 1, device=split_logits.device) * num_coarse)
-    uniform = torch.rand_like(split_logits, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
-    if mode == "gate":
-        scores = split_logits.detach().float() - torch.log(-torch.log(uniform))
-    else:
-        scores = uniform
-    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
-    return rank < num_split
+    scores = split_logits.detach().float() if mode == "gate" else torch.zeros_like(split_logits, dtype=torch.float32)
+    shuffle = torch.rand_like(scores).argsort(dim=1)  # a random order among equal scores
+    order = shuffle.gather(1, scores.gather(1, shuffle).argsort(dim=1, descending=True, stable=True))
+    return order.argsort(dim=1) < num_split
 
 
 def sample_flips(batch_size: int, num_coarse: int, num_flips: int, device=None) -> torch.Tensor:

@@ -8,7 +8,13 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTForImageClassification
-from msvit.train.gate_training import content_regions, evaluate_split_policy, forced_layouts
+from msvit.train.gate_training import (
+    GateTrainingArguments,
+    content_regions,
+    evaluate_split_policy,
+    forced_layouts,
+    train_on_tensors,
+)
 from msvit.train.split_policies import centre_prior_order, policy_scores, uniform_density_split_mask
 from tests.test_train_classification import needs_data
 
@@ -77,6 +83,21 @@ def test_uniform_density_layouts_follow_the_policy_order(config):
     assert (split[both] >= kept[both]).all()
 
 
+@pytest.mark.parametrize("gate_only", [True, False])
+def test_fine_tuning_trains_the_backbone_on_the_gates_own_layouts(config, gate_only):
+    """A gate on a frozen backbone learns from uniformly random layouts (the default); once the backbone trains too,
+    the counterfactual objective samples the layouts the gate chooses, and only the backbone's weights tell them
+    apart."""
+    torch.manual_seed(0)
+    model = MSViTForImageClassification(config)
+    assert model.config.gate_objective == "counterfactual" and model.config.counterfactual_layouts == "uniform"
+    backbone = model.msvit.layers[0].attention.o_proj.weight.clone()
+    pixel_values, labels = torch.rand(16, 3, 32, 32) * 2 - 1, torch.arange(16) % 5
+    train_on_tensors(model, pixel_values, labels, GateTrainingArguments(1e-3, batch_size=8), gate_only=gate_only)
+    assert model.config.counterfactual_layouts == ("uniform" if gate_only else "gate")
+    assert torch.equal(model.msvit.layers[0].attention.o_proj.weight, backbone) == gate_only
+
+
 @needs_data
 def test_gate_study_runs_resumes_and_writes_its_table(tmp_path):
     from msvit.experiments.gate_study import main
@@ -91,7 +112,7 @@ def test_gate_study_runs_resumes_and_writes_its_table(tmp_path):
     frozen = {"all_fine", "all_coarse", "content", "random", "centre", "entropy", "counterfactual", "straight_through"}
     ablations = {
         "counterfactual (size-aware attention off)", "counterfactual (flips=4)", "counterfactual (target_scale=10)",
-        "counterfactual (layouts=uniform)", "straight_through (gBaS)", "straight_through (BaS)",
+        "counterfactual (layouts=gate)", "straight_through (gBaS)", "straight_through (BaS)",
     }  # fmt: skip
     finetuned = frozen - {"content"}
     assert {kind for kind, tuning, _ in kinds if tuning == "frozen"} == frozen | ablations

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
+from modeling_msvit import MSViTConfig
 from msvit.train.data import FASHION_MNIST_DIR
 from msvit.train.run_classification import main
 from msvit.train.split_policies import centre_prior_order, forced_split_mask
@@ -55,12 +56,15 @@ def test_backbone_gate_joint_pipeline(tmp_path):
     card = (tmp_path / "gate" / "hub" / "README.md").read_text()
     assert "model-index:" in card and f"{100 * gate['test']['accuracy']:.2f} %" in card
     assert (tmp_path / "gate" / "gate_maps.png").is_file()
+    # the gate learns from uniformly random layouts; the joint stage's backbone trains on the gate's own
+    assert MSViTConfig.from_pretrained(tmp_path / "gate" / "model").counterfactual_layouts == "uniform"
 
     joint = main(
         [*TINY, "--stage", "joint", "--model_name_or_path", str(tmp_path / "gate" / "model"), "--max_train_steps", "2",
          "--learning_rate", "1e-4", "--output_dir", str(tmp_path / "joint"), "--skip_export"]
     )  # fmt: skip
     assert joint["steps"] == 2
+    assert MSViTConfig.from_pretrained(tmp_path / "joint" / "model").counterfactual_layouts == "gate"
     records = read_jsonl(tmp_path / "joint" / "metrics.jsonl")
     assert [record["step"] for record in records if "loss" in record] == [2]
     assert {record["split"] for record in records if "split" in record} == {"validation", "test"}

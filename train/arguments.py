@@ -78,11 +78,12 @@ class MSViTArguments:
     counterfactual_target_scale: float | None = field(
         default=None, metadata={"help": "MSViT counterfactual objective: logit = scale x loss drop."}
     )
-    counterfactual_layouts: Literal["gate", "uniform"] | None = field(
+    counterfactual_layouts: Literal["uniform", "gate"] | None = field(
         default=None,
         metadata={
-            "help": "MSViT counterfactual objective: training layouts from the gate (+ Gumbel noise) or uniformly "
-            "random."
+            "help": "MSViT counterfactual objective: training layouts uniformly random or by the gate's ranking "
+            "(default: uniformly random in the gate stage, by the gate's ranking in the joint stage, where the "
+            "backbone learns to read them)."
         },
     )
     no_size_aware_attention: bool = field(

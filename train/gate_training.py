@@ -16,7 +16,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from msvit.train.evaluation import processed_pixel_values
 from msvit.train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
-from msvit.train.training_loop import freeze_all_but_gate
+from msvit.train.training_loop import STAGE_LAYOUTS, freeze_all_but_gate
 
 
 @dataclass
@@ -45,17 +45,19 @@ def train_on_tensors(
     """Train an MSViT classifier through its own loss (`model(pixel_values, labels).loss`); returns every step's loss.
 
     `gate_only` freezes everything but the gate (a rule gate then has nothing to train and the model is returned
-    unchanged); otherwise every parameter trains (fine-tuning). `split_policy` (see `msvit.train.split_policies`)
-    forces the decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT path; with `uniform_density`
-    every image instead splits a uniformly random number of regions in the policy's order (`random`, `centre`, or
-    `gate`: the model's own split logits, for a training-free gate), so one fine-tuning serves every budget. Every step
-    re-seeds torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible. The model is left in eval
-    mode.
+    unchanged); otherwise every parameter trains (fine-tuning), and the counterfactual objective samples its layouts
+    by the gate's ranking, as in the scripts' joint stage (`STAGE_LAYOUTS`). `split_policy` (see
+    `msvit.train.split_policies`) forces the decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT
+    path; with `uniform_density` every image instead splits a uniformly random number of regions in the policy's order
+    (`random`, `centre`, or `gate`: the model's own split logits, for a training-free gate), so one fine-tuning serves
+    every budget. Every step re-seeds torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible.
+    The model is left in eval mode.
     """
     if gate_only:
         freeze_all_but_gate(model)
     else:
         model.requires_grad_(True)
+        model.config.counterfactual_layouts = STAGE_LAYOUTS["joint"]
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if not parameters:
         return []

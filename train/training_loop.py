@@ -44,6 +44,10 @@ MSVIT_OVERRIDES = (
     "masked_path_attention",
 )
 
+# The counterfactual objective's training layouts per stage: on a frozen backbone the gate learns a region's value
+# best in every context; a backbone that trains must learn to read the layouts the gate will choose.
+STAGE_LAYOUTS = {"gate": "uniform", "joint": "gate"}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # model set-up
@@ -62,6 +66,9 @@ def size_fields(args: ModelArguments) -> dict:
 def msvit_overrides(args: MSViTArguments) -> dict:
     """The MSViT config fields the arguments set."""
     overrides = {name: getattr(args, name) for name in MSVIT_OVERRIDES if getattr(args, name) is not None}
+    stage_layouts = STAGE_LAYOUTS.get(getattr(args, "stage", None))
+    if stage_layouts is not None:
+        overrides.setdefault("counterfactual_layouts", stage_layouts)
     if args.separate_coarse_embedding:
         overrides["separate_coarse_embedding"] = True
     if args.no_size_aware_attention:
