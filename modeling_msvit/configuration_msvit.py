@@ -129,8 +129,9 @@ class MSViTConfig(PreTrainedConfig):
         counterfactual_target_scale (`float`, *optional*, defaults to 1.0):
             The split logit regresses this times the measured loss drop. With it, `gate_threshold=t` splits the
             regions whose predicted loss drop exceeds `logit(t) / counterfactual_target_scale` nats. On the
-            evidence's frozen ViT/8, 1 gave a better and steadier gate than 10 (84.16 +- 0.03 % against 83.75 +- 0.56 %
-            at fine ratio 0.5, 3 seeds): the larger targets make the regression's steps noisier.
+            evidence's frozen ViT/8 at fine ratio 0.5, 10 gave 84.19 +- 0.01 % against 83.98 +- 0.39 % for 1 (3
+            seeds; one seed at 1 ranked faint item regions below empty ones), but on the cluttered bench 10 was
+            worse (52.78 % against 55.12 % at fine ratio 0.4, seed 0, validation), so the default stays 1.
         counterfactual_layouts (`str`, *optional*, defaults to `"uniform"`):
             How the counterfactual objective samples each training layout: a fine ratio uniform in [0, 1] per image,
             and then uniformly random regions (`"uniform"`: the gate learns each region's value in every context,
