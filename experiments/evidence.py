@@ -377,7 +377,7 @@ def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
             axes.annotate(row["name"], (row["gmacs"], 100 * row["test_accuracy"]), fontsize=7, xytext=(3, 3),
                           textcoords="offset points")  # fmt: skip
         title = "shared ViT/8" if study == "shared" else "cluttered bench, its own ViT/8"
-        from_scratch = ", and models trained from scratch (squares)" if study == "shared" else ""
+        from_scratch = ",\nand models trained from scratch (squares)" if study == "shared" else ""
         axes.set_title(f"{title}, {tuning} (mean ± std over seeds){from_scratch}")
         axes.set_xlabel("GMACs per image")
         axes.grid(alpha=0.3)

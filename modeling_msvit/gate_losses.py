@@ -4,9 +4,10 @@ region-flip objective.
 
 **Counterfactual objective.** The value of splitting region `j` of an image is measurable directly: the drop of the
 task loss when `j` is split instead of kept, all other regions fixed. A training step samples a layout per image
-(`sample_training_layouts`: the gate's own ranking at a random density), picks regions to flip (`sample_flips`), runs
-the flipped layouts once more without gradients, and regresses each flipped region's split logit on
-`scale * loss drop` (`counterfactual_regression_loss`). The layout's own forward pass is shared by all its flips.
+(`sample_training_layouts`: a random density, then uniformly random regions or the gate's own ranking), picks regions
+to flip (`sample_flips`), runs the flipped layouts once more without gradients, and regresses each flipped region's
+split logit on `scale * loss drop` (`counterfactual_regression_loss`). The layout's own forward pass is shared by
+all its flips.
 
 **Straight-through objective** (the paper's). All budget losses take `split_soft` of shape `(B, Nc)`: the relaxed
 (Gumbel-sigmoid) split value of every coarse region in a batch, in (0, 1). They shape the *distribution* of these

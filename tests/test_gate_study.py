@@ -85,9 +85,8 @@ def test_uniform_density_layouts_follow_the_policy_order(config):
 
 @pytest.mark.parametrize("gate_only", [True, False])
 def test_fine_tuning_trains_the_backbone_on_the_gates_own_layouts(config, gate_only):
-    """A gate on a frozen backbone learns from uniformly random layouts (the default); once the backbone trains too,
-    the counterfactual objective samples the layouts the gate chooses, and only the backbone's weights tell them
-    apart."""
+    """A gate on a frozen backbone learns from uniformly random layouts (the default); fine-tuning the whole model
+    switches the counterfactual objective to the layouts the gate chooses, which the backbone then learns to read."""
     torch.manual_seed(0)
     model = MSViTForImageClassification(config)
     assert model.config.gate_objective == "counterfactual" and model.config.counterfactual_layouts == "uniform"
