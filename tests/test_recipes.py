@@ -24,6 +24,7 @@ from msvit.train.arguments import load_recipe, parse_arguments
 from msvit.train.msvit_recipe import msvit_stage_args
 from msvit.train.run_classification import ClassificationArguments, train_classifier
 from msvit.train.run_segmentation import SegmentationArguments
+from msvit.train.training_loop import msvit_overrides
 from tests.conftest import tiny_config
 
 
@@ -182,6 +183,21 @@ def test_command_line_flags_override_the_recipe():
         assert parsed.per_device_train_batch_size == 128 and parsed.gate_objective == "counterfactual"
     # flags the recipe does not set keep the script's defaults
     assert parsed.weight_decay == 0.05 and parsed.seed == 0 and parsed.split_policy == "gate"
+
+
+@pytest.mark.parametrize(
+    ("stage", "flags", "layouts"),
+    [
+        ("gate", [], "uniform"),  # a frozen backbone: the gate learns each region's value in every context
+        ("joint", [], "gate"),  # the backbone trains: on the layouts the gate will choose
+        ("scratch", [], "gate"),
+        ("joint", ["--counterfactual_layouts", "uniform"], "uniform"),  # the flag wins
+        ("backbone", [], None),  # a plain ViT: no MSViT field
+    ],
+)
+def test_counterfactual_layouts_follow_the_stage(stage, flags, layouts):
+    parsed = parse(ClassificationArguments, "--stage", stage, "--model_name_or_path", "x", *flags, "--output_dir", "x")
+    assert msvit_overrides(parsed).get("counterfactual_layouts") == layouts
 
 
 def test_a_shipped_recipe_is_found_by_name(tmp_path, monkeypatch):

@@ -82,8 +82,8 @@ class MSViTArguments:
         default=None,
         metadata={
             "help": "MSViT counterfactual objective: training layouts uniformly random or by the gate's ranking "
-            "(default: uniformly random in the gate stage, by the gate's ranking in the joint stage, where the "
-            "backbone learns to read them)."
+            "(default: uniformly random in the gate stage, by the gate's ranking in the joint and scratch stages, "
+            "where the backbone learns to read them)."
         },
     )
     no_size_aware_attention: bool = field(

@@ -46,7 +46,7 @@ MSVIT_OVERRIDES = (
 
 # The counterfactual objective's training layouts per stage: on a frozen backbone the gate learns a region's value
 # best in every context; a backbone that trains must learn to read the layouts the gate will choose.
-STAGE_LAYOUTS = {"gate": "uniform", "joint": "gate"}
+STAGE_LAYOUTS = {"gate": "uniform", "joint": "gate", "scratch": "gate"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
