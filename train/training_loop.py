@@ -64,7 +64,8 @@ def size_fields(args: ModelArguments) -> dict:
 
 
 def msvit_overrides(args: MSViTArguments) -> dict:
-    """The MSViT config fields the arguments set."""
+    """The MSViT config fields the arguments set, and the counterfactual layouts of the script's `stage` unless set
+    (`STAGE_LAYOUTS`)."""
     overrides = {name: getattr(args, name) for name in MSVIT_OVERRIDES if getattr(args, name) is not None}
     stage_layouts = STAGE_LAYOUTS.get(getattr(args, "stage", None))
     if stage_layouts is not None:
