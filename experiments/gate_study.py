@@ -17,8 +17,7 @@ cluttered variant with `--dataset cluttered_translated_fashion_mnist`) is conver
   `--finetune_learning_rate`, every training image). All fine and all coarse fine-tune on their own layouts; random,
   centre and entropy on their own ranking at uniformly random densities (one fine-tuning serves every budget); the
   counterfactual gate with its own objective (which then samples the gate's own ranking at uniformly random densities
-  too, and keeps training the gate); the
-  straight-through gate with its own objective at its budget;
+  too, and keeps training the gate); the straight-through gate with its own objective at its budget;
 - **ablations** at fine ratio 0.5, frozen: size-aware attention off, counterfactual flips, target scale and layout
   sampling, and the straight-through gate's budget loss (gBaS, BaS against the ratio loss).
 
