@@ -65,7 +65,9 @@ def policy_scores(
 
 def uniform_density_split_mask(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image splits its `k` highest-scoring regions, `k` uniform in `0 .. Nc` (a fine ratio uniform in [0, 1]):
-    layouts of every density, as the counterfactual objective trains on, so one fine-tuning serves every budget."""
+    layouts of every density, so one fine-tuning serves every budget. Ties keep raster order. (The counterfactual
+    objective's `sample_training_layouts` is the Hub-side near twin: `k = round(uniform * Nc)`, ties broken at
+    random.)"""
     batch_size, num_coarse = scores.shape
     num_split = torch.randint(0, num_coarse + 1, (batch_size, 1), generator=generator)
     rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
