@@ -32,8 +32,9 @@ pipeline (2,000 training scenes, linear decoder, 2 epochs from scratch, gate 1, 
 one (fine ratio 0.28), 0.003 splits 53 % (0.20). A straight-through gate is measured at split probabilities
 `--thresholds` instead.
 
-A finished stage (its `results.json` exists) is not run again, so an interrupted run continues where it stopped
-(`--overwrite` reruns everything). Writes `results.json`, `table.md`, `miou_vs_gmacs.png` and
+A finished stage (its `results.json` exists) is not run again, and an interrupted one resumes from its last
+checkpoint (every `--checkpointing_steps`, one epoch of the default 20,000 scenes), so a stopped run continues where it
+stopped (`--overwrite` reruns everything). Writes `results.json`, `table.md`, `miou_vs_gmacs.png` and
 `predictions-<decoder>.png` to `--results_dir`, and with `--readme` rewrites the README's segmentation results
 section.
 """
@@ -51,6 +52,7 @@ from modeling_msvit import MSViTConfig
 from msvit.tools.readme import replace_section
 from msvit.train.msvit_recipe import GATE_RECIPES, LEARNING_RATES, msvit_stage_args, predicted_drop_threshold
 from msvit.train.run_segmentation import SegmentationArguments, train_segmenter
+from msvit.train.training_loop import latest_checkpoint
 
 
 README_START = (
@@ -111,6 +113,9 @@ class SegmentationPipelineArguments:
     joint_epochs: int = field(default=3, metadata={"help": "Epochs of joint fine-tuning."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage."})
+    checkpointing_steps: int = field(
+        default=313, metadata={"help": "Checkpoint every N steps (an interrupted stage resumes from its last)."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Rerun stages that already finished."})
 
 
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_device_train_batch_size=args.batch_size,
         seed=args.seed,
         logging_steps=20,
+        checkpointing_steps=args.checkpointing_steps,
         max_eval_samples=args.max_eval_samples or None,
     )
     stage_seconds = {}
@@ -132,9 +138,12 @@ def main(argv: list[str] | None = None) -> dict:
         if (folder / "results.json").is_file() and not args.overwrite:
             print(f"\n== {name}: done, reading {folder / 'results.json'} ==")
             return json.loads((folder / "results.json").read_text())
-        print(f"\n== {name} ==")
+        checkpoint = None if args.overwrite else latest_checkpoint(folder)
+        print(f"\n== {name}" + (f" (resuming from {Path(checkpoint).name})" if checkpoint else "") + " ==")
         start = time.perf_counter()
-        results = train_segmenter(SegmentationArguments(**{**common, **arguments}, output_dir=str(folder)))
+        results = train_segmenter(
+            SegmentationArguments(**{**common, **arguments}, resume_from_checkpoint=checkpoint, output_dir=str(folder))
+        )
         stage_seconds[name] = round(time.perf_counter() - start, 1)
         return results
 

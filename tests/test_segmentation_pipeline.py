@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import shutil
 
 import pytest
 
@@ -63,14 +64,15 @@ def test_gate_thresholds_are_predicted_loss_drops_for_a_counterfactual_gate():
 
 
 @requires_real_data
-def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_path, monkeypatch):
+def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_path, monkeypatch, capsys):
     # every stage reads the same scenes: compose them once
     loader = functools.cache(run_segmentation.load_segmentation_splits)
     monkeypatch.setattr(run_segmentation, "load_segmentation_splits", loader)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nPLACEHOLDER\n{README_END}\noutro\n")
     output, results_dir = tmp_path / "runs", tmp_path / "results"
-    argv = [*TINY, "--output_dir", str(output), "--results_dir", str(results_dir), "--readme", str(readme)]
+    argv = [*TINY, "--output_dir", str(output), "--results_dir", str(results_dir), "--readme", str(readme),
+            "--checkpointing_steps", "3"]  # fmt: skip
     report = main(argv)
     evaluations = ["budgets-validation", "budgets-test", "threshold_drop=0.01-validation", "threshold_drop=0.01-test"]
     stages = ["full-token", "all-coarse", "gate", "joint", "full-token-matched", *evaluations]  # no adapt stage
@@ -117,3 +119,21 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     again = main(argv)
     assert set(again["stage_seconds"]) == {f"{decoder}/{name}" for decoder in decoders for name in evaluations}
     assert again["decoders"] == report["decoders"]
+
+    # an interrupted stage resumes from its last checkpoint and ends where the uninterrupted one did
+    joint = output / "linear" / "joint"
+    finished = json.loads((joint / "results.json").read_text())
+    for path in (joint / "results.json", joint / "checkpoints" / "step_6"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    capsys.readouterr()
+    resumed = main(argv)
+    assert "== linear/joint (resuming from step_3) ==" in capsys.readouterr().out
+    assert set(resumed["stage_seconds"]) == {"linear/joint"} | set(again["stage_seconds"])
+    records = [json.loads(line) for line in (joint / "metrics.jsonl").read_text().splitlines()]
+    # the log keeps the first epoch's evaluation and the resumed run writes the rest once
+    assert [(record.get("split", "train"), record["step"]) for record in records] == [
+        ("validation", 3), ("train", 6), ("validation", 6), ("test", 6)
+    ]  # fmt: skip
+    again_validation = json.loads((joint / "results.json").read_text())["validation"]
+    for metric in ("mean_iou", "pixel_accuracy", "step"):
+        assert again_validation[metric] == pytest.approx(finished["validation"][metric], abs=1e-6), metric

@@ -12,6 +12,7 @@ from modeling_msvit import MSViTConfig
 from msvit.train.data import FASHION_MNIST_DIR
 from msvit.train.run_classification import main
 from msvit.train.split_policies import centre_prior_order, forced_split_mask
+from msvit.train.training_loop import latest_checkpoint
 
 
 needs_data = pytest.mark.skipif(
@@ -95,6 +96,11 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     assert abs(records[3]["loss"] - straight_records[3]["loss"]) < 1e-6
     assert [r["step"] for r in resumed["validation_curve"]] == [4, 6]
     assert resumed["validation"]["accuracy"] == straight["validation"]["accuracy"]
+    # the drivers resume from the highest step, not the last name in text order (step_6 sorts before step_10)
+    assert latest_checkpoint(tmp_path / "resumed") == str(tmp_path / "resumed" / "checkpoints" / "step_6")
+    (tmp_path / "resumed" / "checkpoints" / "step_10").mkdir()
+    assert latest_checkpoint(tmp_path / "resumed") == str(tmp_path / "resumed" / "checkpoints" / "step_10")
+    assert latest_checkpoint(tmp_path / "straight" / "model") is None
     # a fresh run into the same folder starts its log anew
     main([*args, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r] == [2]

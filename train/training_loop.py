@@ -101,6 +101,13 @@ def random_hflip(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The last `checkpoints/step_N` folder a run saved in `output_dir` (what an interrupted run resumes from), or
+    None when it saved none."""
+    checkpoints = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=lambda path: int(path.name[5:]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
 def step_seed(args: CommonArguments, epoch: int, batch_index: int, process_index: int) -> int:
     """A seed per (run, epoch, batch, process). Every training step re-seeds torch with it, so flips, Gumbel noise,
     dropout and random split masks depend on nothing else, and a resumed run repeats them exactly."""
