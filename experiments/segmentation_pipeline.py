@@ -16,11 +16,13 @@ this process):
    `--adapt_epochs N` puts the old `adapt` stage (random splits) before the gate.
 4. `full-token-matched`: the full-token model fine-tuned all fine for as many epochs, at the same learning rate, as
    the recipe fine-tunes the MSViT's backbone (adapt + joint; the gate stage leaves it frozen), so that both have
-   seen the same number of backbone epochs. This is the reference of the target (the MSViT within 1 mIoU point of it
-   at <= 60 % of its GMACs); without it the MSViT would be compared with a model trained for less.
-5. The joint model is measured on the validation split at fixed fine ratios, at gate thresholds, all fine and all
-   coarse, with the same weights; the other models at their own setting. The test split is measured once, at the
-   end, for the other models and the MSViT at its target budget and thresholds.
+   seen the same number of backbone epochs. This is the reference of the fine-tuned MSViT's target (within 1 mIoU
+   point of it at <= 60 % of its GMACs); without it the MSViT would be compared with a model trained for less.
+5. Two MSViTs are measured, each with its own weights at every setting: `frozen`, the gate stage's model (the
+   plug-in use: the full-token model's weights with a trained gate; its target's reference is the full-token model),
+   and `fine-tuned`, the joint stage's. Validation: fixed fine ratios, gate thresholds, all fine and all coarse; the
+   other models at their own setting. The test split is measured once, at the end, for the other models and each
+   MSViT at its target budget and thresholds.
 
 Thresholds: a counterfactual gate's split probability is `sigmoid(counterfactual_target_scale * predicted loss
 drop)`, so `--threshold_drops` gives them in nats of the per-scene loss (the mean cross-entropy over the scene's
@@ -206,37 +208,58 @@ def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[s
     }
 
 
+# MSViT rows: tuning -> (the stage whose model is measured, the reference model its target compares with)
+TUNINGS = {"frozen": ("gate", "full-token"), "fine-tuned": ("joint", "full-token-matched")}
+
+
 def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dict:
     """Every stage of one decoder (`stage(name, arguments)` runs or reads `<output_dir>/<name>`, `arguments` being
-    `SegmentationArguments` fields); its validation and test rows, the gate stage's validation and the target check."""
+    `SegmentationArguments` fields); its validation and test rows and, per tuning, the target check."""
     trained = {
         name: stage(f"{decoder}/{name}", stage_args) for name, stage_args in training_stages(args, decoder).items()
     }
-    joint_model = str(Path(args.output_dir) / decoder / "joint" / "model")
-    measure = dict(eval_only=True, model_name_or_path=joint_model)
-    budgets = [str(ratio) for ratio in args.budgets]
-    validation = stage(
-        f"{decoder}/budgets-validation", {**measure, "eval_budgets": [*budgets, "all_fine", "all_coarse"]}
-    )
-    test = stage(
-        f"{decoder}/budgets-test", {**measure, "eval_budgets": [str(args.target_fine_ratio)], "eval_split": "test"}
-    )
-    for name, probability in gate_thresholds(args, MSViTConfig.from_pretrained(joint_model)).items():
-        # one threshold per evaluation: it is the model's
-        at_threshold = {**measure, "eval_budgets": ["threshold"], "gate_threshold": probability}
-        for split, rows in (("validation", validation), ("test", test)):
-            (row,) = stage(f"{decoder}/{name}-{split}", {**at_threshold, "eval_split": split}).values()
-            rows[name] = {**row, "gate_threshold": probability}
+    msvit = {tuning: measure_msvit(args, decoder, model_stage, stage) for tuning, (model_stage, _) in TUNINGS.items()}
     references = ("full-token", "full-token-matched", "all-coarse")
     results = {
-        split: {**{name: trained[name][split] for name in references}, "msvit": rows}
-        for split, rows in (("validation", validation), ("test", test))
+        split: {
+            **{name: trained[name][split] for name in references},
+            "msvit": {tuning: rows[split] for tuning, rows in msvit.items()},
+        }
+        for split in ("validation", "test")
     }
+    validation = results["validation"]
     return {
         **results,
-        "gate_stage_validation": trained["gate"]["validation"],
-        "target": check_target(results["validation"]),
+        "target": {
+            tuning: check_target(validation["msvit"][tuning], validation[reference])
+            for tuning, (_, reference) in TUNINGS.items()
+        },
     }
+
+
+def measure_msvit(args: SegmentationPipelineArguments, decoder: str, model_stage: str, stage) -> dict[str, dict]:
+    """Split -> setting -> row of the model `<decoder>/<model_stage>/model`, with its own weights at every setting:
+    on validation every budget, all fine and all coarse, on test the target budget; on both the gate thresholds."""
+    model = str(Path(args.output_dir) / decoder / model_stage / "model")
+    measure = dict(eval_only=True, model_name_or_path=model)
+    budgets = [str(ratio) for ratio in args.budgets]
+    rows = {
+        "validation": stage(
+            f"{decoder}/{model_stage}-budgets-validation",
+            {**measure, "eval_budgets": [*budgets, "all_fine", "all_coarse"]},
+        ),
+        "test": stage(
+            f"{decoder}/{model_stage}-budgets-test",
+            {**measure, "eval_budgets": [str(args.target_fine_ratio)], "eval_split": "test"},
+        ),
+    }
+    for name, probability in gate_thresholds(args, MSViTConfig.from_pretrained(model)).items():
+        # one threshold per evaluation: it is the model's
+        at_threshold = {**measure, "eval_budgets": ["threshold"], "gate_threshold": probability}
+        for split, split_rows in rows.items():
+            (row,) = stage(f"{decoder}/{model_stage}-{name}-{split}", {**at_threshold, "eval_split": split}).values()
+            split_rows[name] = {**row, "gate_threshold": probability}
+    return rows
 
 
 def gate_thresholds(args: SegmentationPipelineArguments, config) -> dict[str, float]:
@@ -247,19 +270,18 @@ def gate_thresholds(args: SegmentationPipelineArguments, config) -> dict[str, fl
     return {f"threshold={threshold}": threshold for threshold in args.thresholds}
 
 
-def check_target(validation: dict) -> dict:
-    """The cheapest MSViT setting within 1 mIoU point of the full-token model trained as long, and whether one at
-    <= 60 % of its GMACs exists."""
-    reference = validation["full-token-matched"]
-    rows = [
+def check_target(rows: dict, reference: dict) -> dict:
+    """The cheapest MSViT setting of `rows` within 1 mIoU point of `reference`, and whether one at <= 60 % of its
+    GMACs exists."""
+    measured = [
         {
             "setting": name,
             "gmacs_ratio": row["gmacs"] / reference["gmacs"],
             "miou_drop": reference["mean_iou"] - row["mean_iou"],
         }
-        for name, row in validation["msvit"].items()
+        for name, row in rows.items()
     ]
-    within = [row for row in rows if row["miou_drop"] <= MIOU_TARGET]
+    within = [row for row in measured if row["miou_drop"] <= MIOU_TARGET]
     cheapest = min(within, key=lambda row: row["gmacs_ratio"]) if within else None
     return {
         "gmacs_ratio_target": GMACS_TARGET,
@@ -299,6 +321,33 @@ def table_row(decoder: str, model: str, setting: str, row: dict, reference_gmacs
     )
 
 
+MSVIT_LABELS = {"frozen": "MSViT, frozen backbone", "fine-tuned": "MSViT, fine-tuned (joint)"}
+TARGET_REFERENCES = {
+    "frozen": "the full-token model (its backbone's weights)",
+    "fine-tuned": "the full-token model trained as long",
+}
+
+
+def target_verdict(tuning: str, target: dict, results: dict) -> str:
+    """One sentence on one tuning's target: the cheapest MSViT setting within 1 mIoU point of its reference."""
+    reference = TARGET_REFERENCES[tuning]
+    cheapest = target["cheapest_within_target_drop"]
+    if cheapest is None:
+        verdict = f"no setting comes within 1 mIoU point of {reference}."
+    else:
+        setting = setting_label(cheapest["setting"], results["validation"]["msvit"][tuning][cheapest["setting"]])
+        drop = cheapest["miou_drop"]
+        verdict = (
+            f"the cheapest setting within 1 mIoU point of {reference} is {setting}, at "
+            f"{100 * cheapest['gmacs_ratio']:.0f} % of its GMACs ({100 * abs(drop):.2f} points "
+            f"{'below' if drop > 0 else 'above'} it)."
+        )
+    return (
+        f"{MSVIT_LABELS[tuning]}, validation: {verdict} Target (≤ "
+        f"{100 * GMACS_TARGET:.0f} % of the GMACs within 1 point): {'met' if target['met'] else 'not met'}."
+    )
+
+
 def render_table(report: dict) -> str:
     settings, decoders = report["settings"], report["decoders"]
     matched = settings["adapt_epochs"] + settings["joint_epochs"]
@@ -319,29 +368,15 @@ def render_table(report: dict) -> str:
                 table_row(decoder, f"full-token segmenter, +{epochs(matched)}", "all fine", matched_row, reference),
                 table_row(decoder, "all-coarse segmenter", "all coarse", results["all-coarse"], reference),
                 *(
-                    table_row(decoder, "MSViT", setting_label(name, row), row, reference)
-                    for name, row in results["msvit"].items()
+                    table_row(decoder, MSVIT_LABELS[tuning], setting_label(name, row), row, reference)
+                    for tuning, rows in results["msvit"].items()
+                    for name, row in rows.items()
                 ),
             ]
         lines.append("")
     for decoder, results in decoders.items():
-        target = results["target"]
-        cheapest = target["cheapest_within_target_drop"]
-        if cheapest is None:
-            verdict = "no MSViT setting comes within 1 mIoU point of the full-token model trained as long."
-        else:
-            setting = setting_label(cheapest["setting"], results["validation"]["msvit"][cheapest["setting"]])
-            drop = cheapest["miou_drop"]
-            verdict = (
-                f"the cheapest MSViT setting within 1 mIoU point of the full-token model trained as long is "
-                f"{setting}, at {100 * cheapest['gmacs_ratio']:.0f} % of its GMACs "
-                f"({100 * abs(drop):.2f} points {'below' if drop > 0 else 'above'} it)."
-            )
-        lines += [
-            f"{decoder_label(decoder).capitalize()} decoder, validation: {verdict} Target (≤ {100 * GMACS_TARGET:.0f} "
-            f"% of the GMACs within 1 point): {'met' if target['met'] else 'not met'}.",
-            "",
-        ]
+        for tuning, target in results["target"].items():
+            lines += [f"{decoder_label(decoder).capitalize()} decoder, {target_verdict(tuning, target, results)}", ""]
     adapt = f"adapt {epochs(settings['adapt_epochs'])}, " if settings["adapt_epochs"] else ""
     lines.append(
         f"Encoder ViT/{settings['patch_size']} (coarse {settings['coarse_patch_size']}), width "
@@ -357,43 +392,26 @@ def render_table(report: dict) -> str:
 
 
 def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
-    """One panel per decoder: the MSViT at its fixed budgets and thresholds, and the three reference models."""
+    """One panel per decoder: the frozen and the fine-tuned MSViT at their fixed budgets and thresholds, and the
+    three reference models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed_ratio = {"all_coarse": 0.0, "all_fine": 1.0}
     figure, axes = plt.subplots(1, len(decoders), figsize=(6.4 * len(decoders), 4.2), sharey=True, squeeze=False)
     for axis, (decoder, results) in zip(axes[0], decoders.items()):
         validation = results["validation"]
-        msvit = validation["msvit"]
-        fixed = sorted(
-            (fixed_ratio[name] if name in fixed_ratio else float(name.split("=")[1]), row)
-            for name, row in msvit.items()
-            if not name.startswith("threshold")
-        )
-        thresholds = [(name, row) for name, row in msvit.items() if name.startswith("threshold")]
-        axis.plot([row["gmacs"] for _, row in fixed], [100 * row["mean_iou"] for _, row in fixed], "o-",
-                  label="MSViT, fixed budget (fine ratio)")  # fmt: skip
-        for ratio, row in fixed:
-            axis.annotate(f"{ratio:g}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(3, -10),
-                          textcoords="offset points")  # fmt: skip
-        axis.plot([row["gmacs"] for _, row in thresholds], [100 * row["mean_iou"] for _, row in thresholds], "v",
-                  color="tab:purple", label="MSViT, gate threshold")  # fmt: skip
-        for name, row in thresholds:
-            value = name.split("=")[1]
-            text = f"Δ>{value}" if name.startswith("threshold_drop=") else f"t={value}"
-            axis.annotate(text, (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(-8, 6),
-                          textcoords="offset points", color="tab:purple")  # fmt: skip
+        for (tuning, rows), colour in zip(validation["msvit"].items(), ("tab:cyan", "tab:blue")):
+            plot_msvit_rows(axis, rows, MSVIT_LABELS[tuning], colour)
         references = (
-            ("full-token", "s", "full-token segmenter"),
-            ("full-token-matched", "D", "full-token, trained as long as MSViT"),
-            ("all-coarse", "^", "all-coarse segmenter"),
+            ("full-token", "s", "tab:red", "full-token segmenter"),
+            ("full-token-matched", "D", "tab:orange", "full-token, trained as long as MSViT"),
+            ("all-coarse", "^", "tab:green", "all-coarse segmenter"),
         )
-        for name, marker, label in references:
+        for name, marker, colour, label in references:
             row = validation[name]
-            axis.plot(row["gmacs"], 100 * row["mean_iou"], marker, markersize=9, label=label)
+            axis.plot(row["gmacs"], 100 * row["mean_iou"], marker, color=colour, markersize=9, label=label)
         axis.axvline(GMACS_TARGET * validation["full-token"]["gmacs"], color="grey", linestyle="--", linewidth=1,
                      label="60 % of full-token GMACs")  # fmt: skip
         axis.set_xlabel("GMACs per image (decoder included)")
@@ -404,6 +422,30 @@ def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_msvit_rows(axis, rows: dict, label: str, colour: str) -> None:
+    """One MSViT's validation rows: its fixed budgets as a line annotated with the fine ratio, its thresholds as
+    triangles annotated with the threshold."""
+    fixed_ratio = {"all_coarse": 0.0, "all_fine": 1.0}
+    fixed = sorted(
+        (fixed_ratio[name] if name in fixed_ratio else float(name.split("=")[1]), row)
+        for name, row in rows.items()
+        if not name.startswith("threshold")
+    )
+    thresholds = [(name, row) for name, row in rows.items() if name.startswith("threshold")]
+    axis.plot([row["gmacs"] for _, row in fixed], [100 * row["mean_iou"] for _, row in fixed], "o-", color=colour,
+              label=f"{label}, fixed budget (fine ratio)")  # fmt: skip
+    for ratio, row in fixed:
+        axis.annotate(f"{ratio:g}", (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(3, -10),
+                      textcoords="offset points", color=colour)  # fmt: skip
+    axis.plot([row["gmacs"] for _, row in thresholds], [100 * row["mean_iou"] for _, row in thresholds], "v",
+              color=colour, markersize=8, label=f"{label}, gate threshold")  # fmt: skip
+    for name, row in thresholds:
+        value = name.split("=")[1]
+        text = f"Δ>{value}" if name.startswith("threshold_drop=") else f"t={value}"
+        axis.annotate(text, (row["gmacs"], 100 * row["mean_iou"]), fontsize=7, xytext=(-8, 6),
+                      textcoords="offset points", color=colour)  # fmt: skip
 
 
 def update_readme(readme: Path, table: str, results_dir: Path, decoders: list[str]) -> None:

@@ -33,22 +33,21 @@ def row(mean_iou: float, gmacs: float) -> dict:
 
 
 def test_check_target_picks_the_cheapest_setting_within_one_point():
-    validation = {
-        "full-token": row(0.50, 10.0),  # trained for less: not the reference
-        "full-token-matched": row(0.60, 10.0),
-        "msvit": {
-            "fine_ratio=0.25": row(0.55, 4.0),  # too inaccurate
-            "fine_ratio=0.5": row(0.595, 5.5),  # within 1 point, 55 % of the GMACs
-            "fine_ratio=0.75": row(0.61, 8.0),
-        },
+    reference = row(0.60, 10.0)
+    rows = {
+        "fine_ratio=0.25": row(0.55, 4.0),  # too inaccurate
+        "fine_ratio=0.5": row(0.595, 5.5),  # within 1 point, 55 % of the GMACs
+        "fine_ratio=0.75": row(0.61, 8.0),
     }
-    target = check_target(validation)
+    target = check_target(rows, reference)
     assert target["cheapest_within_target_drop"]["setting"] == "fine_ratio=0.5"
     assert target["cheapest_within_target_drop"]["gmacs_ratio"] == pytest.approx(0.55)
+    assert target["cheapest_within_target_drop"]["miou_drop"] == pytest.approx(0.005)
     assert target["met"]
-    validation["msvit"]["fine_ratio=0.5"] = row(0.58, 5.5)
-    target = check_target(validation)
+    rows["fine_ratio=0.5"] = row(0.58, 5.5)
+    target = check_target(rows, reference)
     assert target["cheapest_within_target_drop"]["setting"] == "fine_ratio=0.75" and not target["met"]
+    assert check_target(rows, row(0.70, 10.0))["cheapest_within_target_drop"] is None
 
 
 def test_gate_thresholds_are_predicted_loss_drops_for_a_counterfactual_gate():
@@ -74,7 +73,16 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     argv = [*TINY, "--output_dir", str(output), "--results_dir", str(results_dir), "--readme", str(readme),
             "--checkpointing_steps", "3"]  # fmt: skip
     report = main(argv)
-    evaluations = ["budgets-validation", "budgets-test", "threshold_drop=0.01-validation", "threshold_drop=0.01-test"]
+    evaluations = [
+        f"{model}-{name}"
+        for model in ("gate", "joint")
+        for name in (
+            "budgets-validation",
+            "budgets-test",
+            "threshold_drop=0.01-validation",
+            "threshold_drop=0.01-test",
+        )
+    ]
     stages = ["full-token", "all-coarse", "gate", "joint", "full-token-matched", *evaluations]  # no adapt stage
     decoders = ("linear", "mask_transformer")
     assert set(report["stage_seconds"]) == {f"{decoder}/{name}" for decoder in decoders for name in stages}
@@ -88,20 +96,30 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     probability = 1 / (1 + math.exp(-0.01))
     for decoder in decoders:
         results = report["decoders"][decoder]
-        msvit = results["validation"]["msvit"]
-        assert set(msvit) == {"fine_ratio=0.25", "fine_ratio=0.5", "all_fine", "all_coarse", "threshold_drop=0.01"}
-        assert msvit["threshold_drop=0.01"]["gate_threshold"] == pytest.approx(probability)
-        # 32 px, coarse 8: 16 regions of 4 fine tokens; a fixed budget gives exact token counts
-        assert msvit["fine_ratio=0.25"]["tokens"] == 1 + 16 + 3 * 4
-        assert msvit["all_fine"]["tokens"] == 1 + 64 and msvit["all_coarse"]["tokens"] == 1 + 16
-        # the same MSViT weights all fine cost what the full-token model costs
-        assert msvit["all_fine"]["gmacs"] == pytest.approx(results["validation"]["full-token"]["gmacs"])
-        assert results["validation"]["full-token-matched"]["gmacs"] == results["validation"]["full-token"]["gmacs"]
+        validation = results["validation"]
+        assert set(validation["msvit"]) == set(results["target"]) == {"frozen", "fine-tuned"}
+        for tuning, msvit in validation["msvit"].items():
+            assert set(msvit) == {"fine_ratio=0.25", "fine_ratio=0.5", "all_fine", "all_coarse", "threshold_drop=0.01"}
+            assert msvit["threshold_drop=0.01"]["gate_threshold"] == pytest.approx(probability)
+            # 32 px, coarse 8: 16 regions of 4 fine tokens; a fixed budget gives exact token counts
+            assert msvit["fine_ratio=0.25"]["tokens"] == 1 + 16 + 3 * 4
+            assert msvit["all_fine"]["tokens"] == 1 + 64 and msvit["all_coarse"]["tokens"] == 1 + 16
+            # the same MSViT weights all fine cost what the full-token model costs
+            assert msvit["all_fine"]["gmacs"] == pytest.approx(validation["full-token"]["gmacs"])
+            assert set(results["test"]["msvit"][tuning]) == {"fine_ratio=0.5", "threshold_drop=0.01"}
+        # the frozen MSViT is the full-token model with a gate: all fine, it scores what the full-token model scores
+        assert validation["msvit"]["frozen"]["all_fine"]["mean_iou"] == pytest.approx(
+            validation["full-token"]["mean_iou"], abs=1e-6
+        )
+        # each target compares with its reference: the frozen MSViT with the full-token model, the fine-tuned one
+        # with the full-token model trained as long
+        for tuning, reference in (("frozen", "full-token"), ("fine-tuned", "full-token-matched")):
+            assert results["target"][tuning] == check_target(validation["msvit"][tuning], validation[reference])
+        assert validation["full-token-matched"]["gmacs"] == validation["full-token"]["gmacs"]
         # the matched reference trains as many epochs as joint (no adapt; the gate's leaves the backbone frozen):
         # 2 x (24 scenes / batch 8) steps, as the joint stage
-        assert results["validation"]["full-token-matched"]["step"] == 6
+        assert validation["full-token-matched"]["step"] == 6
         assert json.loads((output / decoder / "joint" / "results.json").read_text())["validation"]["step"] == 6
-        assert set(results["test"]["msvit"]) == {"fine_ratio=0.5", "threshold_drop=0.01"}
     # the mask transformer's decoder costs more than the linear one
     full_gmacs = {decoder: report["decoders"][decoder]["validation"]["full-token"]["gmacs"] for decoder in decoders}
     assert full_gmacs["mask_transformer"] > full_gmacs["linear"]
@@ -111,8 +129,12 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
         assert (results_dir / name).is_file(), name
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "PLACEHOLDER" not in text
-    assert "| linear | MSViT | fine ratio 0.25 (fixed budget) |" in text
-    assert "| mask transformer | MSViT | gate threshold: predicted loss drop > 0.01 nats (p > 0.502) |" in text
+    assert "| linear | MSViT, frozen backbone | fine ratio 0.25 (fixed budget) |" in text
+    assert (
+        "| mask transformer | MSViT, fine-tuned (joint) | gate threshold: predicted loss drop > 0.01 nats (p > 0.502) "
+        in text
+    )
+    assert "Linear decoder, MSViT, frozen backbone, validation:" in text
     assert "results/miou_vs_gmacs.png" in text and "results/predictions-mask_transformer.png" in text
 
     # a second run reads the finished stages instead of training them again
