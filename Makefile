@@ -46,7 +46,7 @@ evidence: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.evidence --output_dir results/evidence --readme README.md
 
 # Semantic segmentation on Fashion-MNIST scenes: full-token and all-coarse segmenters, the MSViT recipe, mIoU vs GMACs
-# at several budgets, both decoders (2 to 2.5 hours on 2 CPU cores; resumable by stage); rewrites the README's section.
+# at several budgets, both decoders (about 1.5 hours on 2 CPU cores; resumable); rewrites the README's section.
 segmentation: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.segmentation_pipeline --results_dir results/segmentation --readme README.md
 

@@ -339,7 +339,7 @@ def target_verdict(tuning: str, target: dict, results: dict) -> str:
         drop = cheapest["miou_drop"]
         verdict = (
             f"the cheapest setting within 1 mIoU point of {reference} is {setting}, at "
-            f"{100 * cheapest['gmacs_ratio']:.0f} % of its GMACs ({100 * abs(drop):.2f} points "
+            f"{100 * cheapest['gmacs_ratio']:.1f} % of its GMACs ({100 * abs(drop):.2f} points "
             f"{'below' if drop > 0 else 'above'} it)."
         )
     return (
