@@ -18,11 +18,13 @@ this process):
    the recipe fine-tunes the MSViT's backbone (adapt + joint; the gate stage leaves it frozen), so that both have
    seen the same number of backbone epochs. This is the reference of the fine-tuned MSViT's target (within 1 mIoU
    point of it at <= 60 % of its GMACs); without it the MSViT would be compared with a model trained for less.
-5. Two MSViTs are measured, each with its own weights at every setting: `frozen`, the gate stage's model (the
-   plug-in use: the full-token model's weights with a trained gate; its target's reference is the full-token model),
-   and `fine-tuned`, the joint stage's. Validation: fixed fine ratios, gate thresholds, all fine and all coarse; the
-   other models at their own setting. The test split is measured once, at the end, for the other models and each
-   MSViT at its target budget and thresholds.
+5. `gate-on-matched`: the gate stage again, on the frozen `full-token-matched` model: the plug-in use on the
+   longer-trained model, the other way to spend the joint stage's epochs.
+6. Three MSViTs are measured, each with its own weights at every setting: `frozen`, the gate stage's model (the
+   full-token model's weights with a trained gate; its target's reference is the full-token model), `fine-tuned`, the
+   joint stage's, and `frozen-matched`, `gate-on-matched`'s (both against `full-token-matched`). Validation: fixed
+   fine ratios, gate thresholds, all fine and all coarse; the other models at their own setting. The test split is
+   measured once, at the end, for the other models and each MSViT at its target budget and thresholds.
 
 Thresholds: a counterfactual gate's split probability is `sigmoid(counterfactual_target_scale * predicted loss
 drop)`, so `--threshold_drops` gives them in nats of the per-scene loss (the mean cross-entropy over the scene's
@@ -205,11 +207,17 @@ def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[s
         "all-coarse": {**scratch, "split_policy": "all_coarse"},
         **recipe,
         "full-token-matched": matched,
+        # the plug-in recipe on the longer-trained model: its gate stage on the frozen full-token-matched model
+        "gate-on-matched": {**recipe["gate"], "model_name_or_path": str(output / "full-token-matched" / "model")},
     }
 
 
 # MSViT rows: tuning -> (the stage whose model is measured, the reference model its target compares with)
-TUNINGS = {"frozen": ("gate", "full-token"), "fine-tuned": ("joint", "full-token-matched")}
+TUNINGS = {
+    "frozen": ("gate", "full-token"),
+    "fine-tuned": ("joint", "full-token-matched"),
+    "frozen-matched": ("gate-on-matched", "full-token-matched"),
+}
 
 
 def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dict:
@@ -321,10 +329,15 @@ def table_row(decoder: str, model: str, setting: str, row: dict, reference_gmacs
     )
 
 
-MSVIT_LABELS = {"frozen": "MSViT, frozen backbone", "fine-tuned": "MSViT, fine-tuned (joint)"}
+MSVIT_LABELS = {
+    "frozen": "MSViT, frozen backbone",
+    "fine-tuned": "MSViT, fine-tuned (joint)",
+    "frozen-matched": "MSViT, frozen backbone trained as long",
+}
 TARGET_REFERENCES = {
     "frozen": "the full-token model (its backbone's weights)",
     "fine-tuned": "the full-token model trained as long",
+    "frozen-matched": "the full-token model trained as long (its backbone's weights)",
 }
 
 
@@ -402,7 +415,7 @@ def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(decoders), figsize=(6.4 * len(decoders), 4.2), sharey=True, squeeze=False)
     for axis, (decoder, results) in zip(axes[0], decoders.items()):
         validation = results["validation"]
-        for (tuning, rows), colour in zip(validation["msvit"].items(), ("tab:cyan", "tab:blue")):
+        for (tuning, rows), colour in zip(validation["msvit"].items(), ("tab:cyan", "tab:blue", "tab:purple")):
             plot_msvit_rows(axis, rows, MSVIT_LABELS[tuning], colour)
         references = (
             ("full-token", "s", "tab:red", "full-token segmenter"),

@@ -75,7 +75,7 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     report = main(argv)
     evaluations = [
         f"{model}-{name}"
-        for model in ("gate", "joint")
+        for model in ("gate", "joint", "gate-on-matched")
         for name in (
             "budgets-validation",
             "budgets-test",
@@ -83,7 +83,7 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
             "threshold_drop=0.01-test",
         )
     ]
-    stages = ["full-token", "all-coarse", "gate", "joint", "full-token-matched", *evaluations]  # no adapt stage
+    stages = ["full-token", "all-coarse", "gate", "joint", "full-token-matched", "gate-on-matched", *evaluations]
     decoders = ("linear", "mask_transformer")
     assert set(report["stage_seconds"]) == {f"{decoder}/{name}" for decoder in decoders for name in stages}
     assert list(report["decoders"]) == list(decoders)
@@ -97,7 +97,7 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     for decoder in decoders:
         results = report["decoders"][decoder]
         validation = results["validation"]
-        assert set(validation["msvit"]) == set(results["target"]) == {"frozen", "fine-tuned"}
+        assert set(validation["msvit"]) == set(results["target"]) == {"frozen", "fine-tuned", "frozen-matched"}
         for tuning, msvit in validation["msvit"].items():
             assert set(msvit) == {"fine_ratio=0.25", "fine_ratio=0.5", "all_fine", "all_coarse", "threshold_drop=0.01"}
             assert msvit["threshold_drop=0.01"]["gate_threshold"] == pytest.approx(probability)
@@ -107,13 +107,18 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
             # the same MSViT weights all fine cost what the full-token model costs
             assert msvit["all_fine"]["gmacs"] == pytest.approx(validation["full-token"]["gmacs"])
             assert set(results["test"]["msvit"][tuning]) == {"fine_ratio=0.5", "threshold_drop=0.01"}
-        # the frozen MSViT is the full-token model with a gate: all fine, it scores what the full-token model scores
-        assert validation["msvit"]["frozen"]["all_fine"]["mean_iou"] == pytest.approx(
-            validation["full-token"]["mean_iou"], abs=1e-6
+        # a frozen MSViT is its full-token model with a gate: all fine, it scores what that model scores
+        for tuning, reference in (("frozen", "full-token"), ("frozen-matched", "full-token-matched")):
+            all_fine = validation["msvit"][tuning]["all_fine"]["mean_iou"]
+            assert all_fine == pytest.approx(validation[reference]["mean_iou"], abs=1e-6)
+        # each target compares with its reference: the frozen MSViT with the full-token model, the others with the
+        # full-token model trained as long
+        references = (
+            ("frozen", "full-token"),
+            ("fine-tuned", "full-token-matched"),
+            ("frozen-matched", "full-token-matched"),
         )
-        # each target compares with its reference: the frozen MSViT with the full-token model, the fine-tuned one
-        # with the full-token model trained as long
-        for tuning, reference in (("frozen", "full-token"), ("fine-tuned", "full-token-matched")):
+        for tuning, reference in references:
             assert results["target"][tuning] == check_target(validation["msvit"][tuning], validation[reference])
         assert validation["full-token-matched"]["gmacs"] == validation["full-token"]["gmacs"]
         # the matched reference trains as many epochs as joint (no adapt; the gate's leaves the backbone frozen):
