@@ -218,6 +218,16 @@ TUNINGS = {
     "fine-tuned": ("joint", "full-token-matched"),
     "frozen-matched": ("gate-on-matched", "full-token-matched"),
 }
+MSVIT_LABELS = {
+    "frozen": "MSViT, frozen backbone",
+    "fine-tuned": "MSViT, fine-tuned (joint)",
+    "frozen-matched": "MSViT, frozen backbone trained as long",
+}
+TARGET_REFERENCES = {
+    "frozen": "the full-token model (its backbone's weights)",
+    "fine-tuned": "the full-token model trained as long",
+    "frozen-matched": "the full-token model trained as long (its backbone's weights)",
+}
 
 
 def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dict:
@@ -329,18 +339,6 @@ def table_row(decoder: str, model: str, setting: str, row: dict, reference_gmacs
     )
 
 
-MSVIT_LABELS = {
-    "frozen": "MSViT, frozen backbone",
-    "fine-tuned": "MSViT, fine-tuned (joint)",
-    "frozen-matched": "MSViT, frozen backbone trained as long",
-}
-TARGET_REFERENCES = {
-    "frozen": "the full-token model (its backbone's weights)",
-    "fine-tuned": "the full-token model trained as long",
-    "frozen-matched": "the full-token model trained as long (its backbone's weights)",
-}
-
-
 def target_verdict(tuning: str, target: dict, results: dict) -> str:
     """One sentence on one tuning's target: the cheapest MSViT setting within 1 mIoU point of its reference."""
     reference = TARGET_REFERENCES[tuning]
@@ -398,8 +396,9 @@ def render_table(report: dict) -> str:
         f"model with size-aware attention: {adapt}{settings['gate_objective'].replace('_', '-')} gate "
         f"{epochs(settings['gate_epochs'])} (frozen backbone), joint {epochs(settings['joint_epochs'])}, at target "
         f"fine ratio {settings['target_fine_ratio']}; the full-token model fine-tuned all fine for {epochs(matched)} "
-        "more at the joint stage's learning rate, so that its backbone has seen as many epochs as the MSViT's. GMACs "
-        "per image count the gate, the embedding, the encoder on each image's own tokens and the decoder."
+        "more at the joint stage's learning rate, so that its backbone has seen as many epochs as the MSViT's, and "
+        "the gate stage run again on it (frozen backbone trained as long). GMACs per image count the gate, the "
+        "embedding, the encoder on each image's own tokens and the decoder."
     )
     return "\n".join(lines)
 

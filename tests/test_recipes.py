@@ -158,7 +158,13 @@ def test_segmentation_yaml_recipes_are_the_pipeline_stages(stage):
     linear decoder) does: the same arguments but for the folders, the pipeline's export and test switches and the
     YAML's checkpoints."""
     stages = training_stages(SegmentationPipelineArguments(), "linear")
-    assert list(stages) == ["full-token", "all-coarse", "gate", "joint", "full-token-matched"]  # no adapt stage
+    # no adapt stage; the second gate stage is the first on another backbone
+    assert list(stages) == ["full-token", "all-coarse", "gate", "joint", "full-token-matched", "gate-on-matched"]
+    assert stages["gate-on-matched"] == {
+        **stages["gate"],
+        "model_name_or_path": stages["gate-on-matched"]["model_name_or_path"],
+    }
+    assert stages["gate-on-matched"]["model_name_or_path"].endswith("full-token-matched/model")
     pipeline_stage = {"fine": "full-token", "gate": "gate", "joint": "joint"}[stage]
     from_pipeline = asdict(SegmentationArguments(**stages[pipeline_stage], output_dir="x"))
     from_yaml = asdict(
