@@ -223,6 +223,7 @@ MSVIT_LABELS = {
     "fine-tuned": "MSViT, fine-tuned (joint)",
     "frozen-matched": "MSViT, frozen backbone trained as long",
 }
+MSVIT_COLOURS = {"frozen": "tab:cyan", "fine-tuned": "tab:blue", "frozen-matched": "tab:purple"}
 TARGET_REFERENCES = {
     "frozen": "the full-token model (its backbone's weights)",
     "fine-tuned": "the full-token model trained as long",
@@ -404,8 +405,8 @@ def render_table(report: dict) -> str:
 
 
 def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
-    """One panel per decoder: the frozen and the fine-tuned MSViT at their fixed budgets and thresholds, and the
-    three reference models."""
+    """One panel per decoder: each MSViT of `TUNINGS` at its fixed budgets and thresholds, and the three reference
+    models."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,8 +415,8 @@ def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(decoders), figsize=(6.4 * len(decoders), 4.2), sharey=True, squeeze=False)
     for axis, (decoder, results) in zip(axes[0], decoders.items()):
         validation = results["validation"]
-        for (tuning, rows), colour in zip(validation["msvit"].items(), ("tab:cyan", "tab:blue", "tab:purple")):
-            plot_msvit_rows(axis, rows, MSVIT_LABELS[tuning], colour)
+        for tuning, rows in validation["msvit"].items():
+            plot_msvit_rows(axis, rows, MSVIT_LABELS[tuning], MSVIT_COLOURS[tuning])
         references = (
             ("full-token", "s", "tab:red", "full-token segmenter"),
             ("full-token-matched", "D", "tab:orange", "full-token, trained as long as MSViT"),

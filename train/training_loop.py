@@ -101,10 +101,15 @@ def random_hflip(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """N of a `checkpoints/step_N` folder: the optimiser steps it holds."""
+    return int(Path(checkpoint).name.removeprefix("step_"))
+
+
 def latest_checkpoint(output_dir: str | Path) -> str | None:
     """The last `checkpoints/step_N` folder a run saved in `output_dir` (what an interrupted run resumes from), or
     None when it saved none."""
-    checkpoints = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=lambda path: int(path.name[5:]))
+    checkpoints = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=checkpoint_step)
     return str(checkpoints[-1]) if checkpoints else None
 
 
@@ -224,7 +229,7 @@ class TrainingRun:
         self.completed_steps, self.starting_epoch, self.resume_batches = 0, 0, 0
         if args.resume_from_checkpoint:
             accelerator.load_state(args.resume_from_checkpoint)
-            self.completed_steps = int(Path(args.resume_from_checkpoint).name.removeprefix("step_"))
+            self.completed_steps = checkpoint_step(args.resume_from_checkpoint)
             batches_done = self.completed_steps * args.gradient_accumulation_steps
             self.starting_epoch, self.resume_batches = divmod(batches_done, len(self.train_dataloader))
         self.logger = JsonLinesLogger(
