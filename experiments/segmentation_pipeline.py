@@ -135,12 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
         checkpointing_steps=args.checkpointing_steps,
         max_eval_samples=args.max_eval_samples or None,
     )
+    results_dir = Path(args.results_dir)
+    previous = results_dir / "results.json"
+    # a stage read back from disk keeps the time it took when it ran
+    recorded = {} if args.overwrite or not previous.is_file() else json.loads(previous.read_text())["stage_seconds"]
     stage_seconds = {}
 
     def stage(name: str, arguments: dict) -> dict:
         folder = output / name
         if (folder / "results.json").is_file() and not args.overwrite:
             print(f"\n== {name}: done, reading {folder / 'results.json'} ==")
+            if name in recorded:
+                stage_seconds[name] = recorded[name]
             return json.loads((folder / "results.json").read_text())
         checkpoint = None if args.overwrite else latest_checkpoint(folder)
         print(f"\n== {name}" + (f" (resuming from {Path(checkpoint).name})" if checkpoint else "") + " ==")
@@ -153,7 +159,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     decoders = {decoder: run_decoder(args, decoder, stage) for decoder in args.decoder_types}
     report = {"settings": asdict(args), "stage_seconds": stage_seconds, "decoders": decoders}
-    results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     table = render_table(report)
