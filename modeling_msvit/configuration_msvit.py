@@ -148,7 +148,9 @@ class MSViTConfig(PreTrainedConfig):
             on their means centred on `target_fine_ratio`, an L1 term on their temperatures); `"bas"`, plain
             batch-shaping against one shared prior; `"ratio"`, `(mean soft split value - target_fine_ratio) ** 2`.
         target_fine_ratio (`float`, *optional*, defaults to 0.5):
-            The fraction of coarse regions the gate loss steers towards splitting.
+            Straight-through objective: the fraction of coarse regions the gate loss steers towards splitting, and
+            the gate's initial split probability. The counterfactual objective does not train towards a ratio (its
+            gate starts at no predicted loss drop); set its compute with `fine_ratio_budget` or `gate_threshold`.
         gate_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the gate loss in the total loss returned with `labels`.
         gate_prior_temperature (`float`, *optional*, defaults to 0.5):

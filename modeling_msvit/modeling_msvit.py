@@ -208,8 +208,8 @@ class MSViTGate(nn.Module):
         sizes = self.layer_sizes(config)
         self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]))
         self.layers.append(nn.Linear(sizes[-2], 1, bias=False))
-        # the output bias is the gate's prior split logit, initialised at logit(target_fine_ratio); shape (1,) because
-        # FSDP2 cannot shard 0-d parameters
+        # the output bias is the gate's prior split logit (initialised in `_init_weights`); shape (1,) because FSDP2
+        # cannot shard 0-d parameters
         self.split_logit_bias = nn.Parameter(torch.zeros(1))
         self.activation = nn.GELU()
 
@@ -638,8 +638,12 @@ class MSViTPreTrainedModel(PreTrainedModel):
             init.constant_(module.prior_log_temperatures, math.log(self.config.gate_prior_temperature))
             init.constant_(module.hyperprior_log_std, math.log(self.config.gbas_hyperprior_std))
         elif isinstance(module, MSViTGate):
-            # start near the compute target: a region's prior split probability is `target_fine_ratio`
-            init.constant_(module.split_logit_bias, self._target_logit())
+            # straight-through: the logit is a split probability's, start at the compute target. Counterfactual: it
+            # regresses a loss drop, start at none; a prior off 0 ranks the regions the gate has not learnt yet below
+            # (target < 0.5) or above (> 0.5) the learnt ones, and trained from scratch on the gate's own ranking the
+            # backbone then never sees those regions fine
+            objective_prior = self._target_logit() if self.config.gate_objective == "straight_through" else 0.0
+            init.constant_(module.split_logit_bias, objective_prior)
         elif isinstance(module, MSViTMaskTransformerDecoder):
             init.trunc_normal_(module.class_embeddings, mean=0.0, std=self.config.initializer_range)
 

@@ -275,15 +275,26 @@ def test_flex_attention_equals_eager_at_inference(pixel_values):
 
 
 @pytest.mark.parametrize("target", [0.1, 0.5, 0.8])
-def test_gate_starts_at_the_target_fine_ratio(target):
-    model = MSViTForImageClassification(tiny_config(target_fine_ratio=target))
+def test_straight_through_gate_starts_at_the_target_fine_ratio(target):
+    model = MSViTForImageClassification(tiny_config(target_fine_ratio=target, **STRAIGHT_THROUGH))
     torch.testing.assert_close(
         torch.sigmoid(model.msvit.embeddings.gate.split_logit_bias), torch.tensor([target]), rtol=0, atol=1e-6
     )
-    converted = MSViTForImageClassification.from_vit(_tiny_vit(), target_fine_ratio=target)
+    converted = MSViTForImageClassification.from_vit(_tiny_vit(), target_fine_ratio=target, **STRAIGHT_THROUGH)
     torch.testing.assert_close(
         torch.sigmoid(converted.msvit.embeddings.gate.split_logit_bias), torch.tensor([target]), rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("target", [0.1, 0.5, 0.8])
+def test_counterfactual_gate_starts_at_no_predicted_loss_drop_whatever_the_target(target):
+    # its logit regresses a loss drop: a prior of logit(target) would rank unlearnt regions first or last
+    for model in (
+        MSViTForImageClassification(tiny_config(target_fine_ratio=target)),
+        MSViTForImageClassification.from_vit(_tiny_vit(), target_fine_ratio=target),
+    ):
+        assert model.config.gate_objective == "counterfactual"
+        assert model.msvit.embeddings.gate.split_logit_bias.tolist() == [0.0]
 
 
 def _tiny_vit():
