@@ -188,6 +188,17 @@ def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(
     for plot in ("accuracy_vs_gmacs.png", "learning_curves.png", "gate_maps.png"):
         assert (tmp_path / plot).is_file()
     assert not (tmp_path / "accuracy_vs_gmacs-cluttered.png").exists()
+    # the MSViT from scratch: one training, a row per fine ratio, the saved budget's row as its own test evaluation
+    summary = evidence([*tiny, "--only", "msvit-scratch", "--ignore_precondition"])
+    rows = {row["name"]: row for row in summary["from_scratch"]}
+    scratch = [rows[f"msvit-scratch @ {ratio}"] for ratio in (0.25, 0.5, 0.75)]
+    # 64 px canvas, 16 coarse regions of 16 px: 1 + 16 + 3 x round(ratio x 16) tokens
+    assert [row["tokens"] for row in scratch] == [29.0, 41.0, 53.0]
+    assert scratch[0]["gmacs"] < scratch[1]["gmacs"] < scratch[2]["gmacs"] < rows["vit-p8"]["gmacs"]
+    saved = json.loads((tmp_path / "msvit-scratch" / "results.json").read_text())["test"]
+    assert saved["fine_ratio"] == 0.5 and scratch[1]["test_accuracy"] == saved["accuracy"]
+    assert all(row["throughput_vs_vit_p8"] > 0 and 0 <= row["split_rate_empty"] <= 1 for row in scratch)
+    assert (tmp_path / "table.md").read_text().count("| msvit-scratch @ ") == 3
     # the cluttered bench's summary, from a study on a stand-in for its backbone
     shutil.copytree(tmp_path / "shared", tmp_path / "cluttered")
     shutil.copytree(tmp_path / "vit-p8" / "model", tmp_path / "vit-p8-cluttered" / "model")
