@@ -59,7 +59,8 @@ class MSViTArguments:
     """MSViT config fields (None keeps the model's own value), the split policy and the inference budget."""
 
     target_fine_ratio: float | None = field(
-        default=None, metadata={"help": "MSViT: fraction of regions the gate loss aims to split."}
+        default=None,
+        metadata={"help": "MSViT, straight-through objective: fraction of regions the gate loss aims to split."},
     )
     gate_type: Literal["learned", "entropy", "std"] | None = field(
         default=None,
