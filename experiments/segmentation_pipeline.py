@@ -49,6 +49,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from transformers import HfArgumentParser
 
@@ -217,22 +218,39 @@ def training_stages(args: SegmentationPipelineArguments, decoder: str) -> dict[s
     }
 
 
-# MSViT rows: tuning -> (the stage whose model is measured, the reference model its target compares with)
+class Tuning(NamedTuple):
+    """One MSViT of the results: the stage whose model is measured, the reference model its target compares with,
+    and how the table, verdict and plot name them."""
+
+    stage: str
+    reference: str
+    label: str
+    reference_text: str
+    colour: str
+
+
 TUNINGS = {
-    "frozen": ("gate", "full-token"),
-    "fine-tuned": ("joint", "full-token-matched"),
-    "frozen-matched": ("gate-on-matched", "full-token-matched"),
-}
-MSVIT_LABELS = {
-    "frozen": "MSViT, frozen backbone",
-    "fine-tuned": "MSViT, fine-tuned (joint)",
-    "frozen-matched": "MSViT, frozen backbone trained as long",
-}
-MSVIT_COLOURS = {"frozen": "tab:cyan", "fine-tuned": "tab:blue", "frozen-matched": "tab:purple"}
-TARGET_REFERENCES = {
-    "frozen": "the full-token model (its backbone's weights)",
-    "fine-tuned": "the full-token model trained as long",
-    "frozen-matched": "the full-token model trained as long (its backbone's weights)",
+    "frozen": Tuning(
+        stage="gate",
+        reference="full-token",
+        label="MSViT, frozen backbone",
+        reference_text="the full-token model (its backbone's weights)",
+        colour="tab:cyan",
+    ),
+    "fine-tuned": Tuning(
+        stage="joint",
+        reference="full-token-matched",
+        label="MSViT, fine-tuned (joint)",
+        reference_text="the full-token model trained as long",
+        colour="tab:blue",
+    ),
+    "frozen-matched": Tuning(
+        stage="gate-on-matched",
+        reference="full-token-matched",
+        label="MSViT, frozen backbone trained as long",
+        reference_text="the full-token model trained as long (its backbone's weights)",
+        colour="tab:purple",
+    ),
 }
 
 
@@ -242,7 +260,7 @@ def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dic
     trained = {
         name: stage(f"{decoder}/{name}", stage_args) for name, stage_args in training_stages(args, decoder).items()
     }
-    msvit = {tuning: measure_msvit(args, decoder, model_stage, stage) for tuning, (model_stage, _) in TUNINGS.items()}
+    msvit = {name: measure_msvit(args, decoder, tuning.stage, stage) for name, tuning in TUNINGS.items()}
     references = ("full-token", "full-token-matched", "all-coarse")
     results = {
         split: {
@@ -255,8 +273,8 @@ def run_decoder(args: SegmentationPipelineArguments, decoder: str, stage) -> dic
     return {
         **results,
         "target": {
-            tuning: check_target(validation["msvit"][tuning], validation[reference])
-            for tuning, (_, reference) in TUNINGS.items()
+            name: check_target(validation["msvit"][name], validation[tuning.reference])
+            for name, tuning in TUNINGS.items()
         },
     }
 
@@ -347,7 +365,7 @@ def table_row(decoder: str, model: str, setting: str, row: dict, reference_gmacs
 
 def target_verdict(tuning: str, target: dict, results: dict) -> str:
     """One sentence on one tuning's target: the cheapest MSViT setting within 1 mIoU point of its reference."""
-    reference = TARGET_REFERENCES[tuning]
+    reference = TUNINGS[tuning].reference_text
     cheapest = target["cheapest_within_target_drop"]
     if cheapest is None:
         verdict = f"no setting comes within 1 mIoU point of {reference}."
@@ -360,7 +378,7 @@ def target_verdict(tuning: str, target: dict, results: dict) -> str:
             f"{'below' if drop > 0 else 'above'} it)."
         )
     return (
-        f"{MSVIT_LABELS[tuning]}, validation: {verdict} Target (≤ "
+        f"{TUNINGS[tuning].label}, validation: {verdict} Target (≤ "
         f"{100 * GMACS_TARGET:.0f} % of the GMACs within 1 point): {'met' if target['met'] else 'not met'}."
     )
 
@@ -385,7 +403,7 @@ def render_table(report: dict) -> str:
                 table_row(decoder, f"full-token segmenter, +{epochs(matched)}", "all fine", matched_row, reference),
                 table_row(decoder, "all-coarse segmenter", "all coarse", results["all-coarse"], reference),
                 *(
-                    table_row(decoder, MSVIT_LABELS[tuning], setting_label(name, row), row, reference)
+                    table_row(decoder, TUNINGS[tuning].label, setting_label(name, row), row, reference)
                     for tuning, rows in results["msvit"].items()
                     for name, row in rows.items()
                 ),
@@ -421,7 +439,7 @@ def plot_miou_vs_gmacs(decoders: dict, path: Path) -> None:
     for axis, (decoder, results) in zip(axes[0], decoders.items()):
         validation = results["validation"]
         for tuning, rows in validation["msvit"].items():
-            plot_msvit_rows(axis, rows, MSVIT_LABELS[tuning], MSVIT_COLOURS[tuning])
+            plot_msvit_rows(axis, rows, TUNINGS[tuning].label, TUNINGS[tuning].colour)
         references = (
             ("full-token", "s", "tab:red", "full-token segmenter"),
             ("full-token-matched", "D", "tab:orange", "full-token, trained as long as MSViT"),
