@@ -7,8 +7,10 @@ from transformers import PreTrainedConfig
 
 GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
 GATE_TYPES = ("learned", "entropy", "std")
+GATE_RULES = ("entropy", "std")
 GATE_OBJECTIVES = ("counterfactual", "straight_through")
 COUNTERFACTUAL_LAYOUTS = ("uniform", "gate")
+COUNTERFACTUAL_TARGETS = ("task_loss", "all_fine_kl")
 TOKEN_PATHS = ("masked", "gathered")
 RAGGED_EXECUTIONS = ("packed", "padded")
 MASKED_PATH_ATTENTIONS = ("key_mask", "masked_softmax")
@@ -34,7 +36,7 @@ VIT_CONFIG_FIELDS = (
 )
 
 # Behaviour of a `config.json` saved before these fields existed: loading it keeps the model it described.
-LEGACY_DEFAULTS = {"size_aware_attention": False, "gate_objective": "straight_through"}
+LEGACY_DEFAULTS = {"size_aware_attention": False, "gate_objective": "straight_through", "gate_residual_rule": None}
 
 # Written into every saved `config.json` so that a plain `save_pretrained` folder loads with
 # `trust_remote_code=True` through any of the Auto classes.
@@ -89,6 +91,12 @@ class MSViTConfig(PreTrainedConfig):
             What the gate reads for each coarse region: `"downscaled_pixels"` (the region area-downscaled to
             `patch_size`), `"pixels"` (the region at full resolution) or `"coarse_embedding"` (the coarse token's patch
             embedding, without position).
+        gate_residual_rule (`str`, *optional*):
+            Learned gate only: make it a residual gate on a training-free rule (`"std"` or `"entropy"`, as in
+            `gate_type`). Its logit is `rule_scale * score + bias + MLP(region)`, with the rule's score in [0, 1],
+            `rule_scale = 1`, `bias = 0` and the MLP's last layer zero at initialisation: the gate starts as the
+            rule exactly (the same decisions at any fixed budget) and learns a correction. The rule reads the
+            full-resolution region whatever `gate_input` is. A `config.json` saved without this field loads with None.
         gate_hidden_size (`int`, *optional*, defaults to 64):
             Width of the gate MLP.
         gate_num_layers (`int`, *optional*, defaults to 4):
@@ -132,6 +140,11 @@ class MSViTConfig(PreTrainedConfig):
             evidence's frozen ViT/8 at fine ratio 0.5, 10 gave 84.19 +- 0.01 % against 83.98 +- 0.39 % for 1 (3
             seeds; one seed at 1 ranked faint item regions below empty ones), but on the cluttered bench 10 was
             worse (52.78 % against 55.12 % at fine ratio 0.4, seed 0, validation), so the default stays 1.
+        counterfactual_target (`str`, *optional*, defaults to `"task_loss"`):
+            What a flip's loss drop measures. `"task_loss"`: the task loss against the labels. `"all_fine_kl"`: the
+            KL divergence of the prediction from the model's own all-fine prediction (one more no-grad forward per
+            image), which measures what a split changes whatever the label, with less noise than a cross-entropy that
+            a misclassified image dominates.
         counterfactual_layouts (`str`, *optional*, defaults to `"uniform"`):
             How the counterfactual objective samples each training layout: a fine ratio uniform in [0, 1] per image,
             and then uniformly random regions (`"uniform"`: the gate learns each region's value in every context,
@@ -205,6 +218,7 @@ class MSViTConfig(PreTrainedConfig):
     gate_entropy_bins: int = 32
     gate_entropy_range: list[float] | tuple[float, float] = (-1.0, 1.0)
     gate_input: str = "downscaled_pixels"
+    gate_residual_rule: str | None = None
     gate_hidden_size: int = 64
     gate_num_layers: int = 4
     gate_temperature: float | int = 1.0
@@ -216,6 +230,7 @@ class MSViTConfig(PreTrainedConfig):
     gate_objective: str = "counterfactual"
     counterfactual_flips: int = 1
     counterfactual_target_scale: float | int = 1.0
+    counterfactual_target: str = "task_loss"
     counterfactual_layouts: str = "uniform"
     gate_loss_type: str = "gbas"
     target_fine_ratio: float | int = 0.5
@@ -312,11 +327,16 @@ class MSViTConfig(PreTrainedConfig):
         for name in ("gate_prior_temperature", "gbas_hyperprior_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.gate_residual_rule is not None and self.gate_residual_rule not in GATE_RULES:
+            raise ValueError(
+                f"`gate_residual_rule` must be None or one of {GATE_RULES}, got {self.gate_residual_rule!r}."
+            )
         for name, value, allowed in (
             ("gate_input", self.gate_input, GATE_INPUTS),
             ("gate_type", self.gate_type, GATE_TYPES),
             ("gate_objective", self.gate_objective, GATE_OBJECTIVES),
             ("counterfactual_layouts", self.counterfactual_layouts, COUNTERFACTUAL_LAYOUTS),
+            ("counterfactual_target", self.counterfactual_target, COUNTERFACTUAL_TARGETS),
             ("train_token_path", self.train_token_path, TOKEN_PATHS),
             ("ragged_execution", self.ragged_execution, RAGGED_EXECUTIONS),
             ("masked_path_attention", self.masked_path_attention, MASKED_PATH_ATTENTIONS),

@@ -200,8 +200,38 @@ class MSViTPatchEmbeddings(nn.Module):
         return F.linear(patches, self.projection.weight.flatten(1), self.projection.bias)
 
 
+class MSViTRuleScore(nn.Module):
+    """A training-free score in [0, 1] of how much detail a coarse region holds, from its own pixels (APT's adaptive
+    patch sizes): `"entropy"`, the entropy of the histogram of its pixel values (all channels, `gate_entropy_bins`
+    bins over `gate_entropy_range`) divided by its maximum `log(bins)`, or `"std"`, `tanh` of their standard
+    deviation. Reads `(B, Nc, P)` full-resolution regions, returns `(B, Nc)`."""
+
+    def __init__(self, config: MSViTConfig, rule: str):
+        super().__init__()
+        self.rule = rule
+        self.num_bins = config.gate_entropy_bins
+        self.value_range = tuple(config.gate_entropy_range)
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        regions = regions.float()
+        if self.rule == "std":
+            return torch.tanh(regions.std(dim=-1, unbiased=False))
+        low, high = self.value_range
+        bins = ((regions - low) * (self.num_bins / (high - low))).floor().clamp(0, self.num_bins - 1).long()
+        counts = regions.new_zeros(*regions.shape[:-1], self.num_bins).scatter_add_(-1, bins, torch.ones_like(regions))
+        frequencies = counts / regions.shape[-1]
+        entropy = -(frequencies * torch.log(frequencies.clamp_min(1e-12))).sum(-1)
+        return entropy / math.log(self.num_bins)
+
+
 class MSViTGate(nn.Module):
-    """The gate: a small MLP that reads one coarse region and outputs the logit of splitting it."""
+    """The gate: a small MLP that reads one coarse region and outputs the logit of splitting it.
+
+    With `config.gate_residual_rule` it is a residual gate: `logit = rule_scale * score + bias + MLP(region)`, `score`
+    the training-free rule's score of the region (`MSViTRuleScore`, in [0, 1]), `rule_scale` 1, `bias` 0 and the MLP's
+    last layer 0 at initialisation. It therefore starts as the rule exactly (same ranking, so the same decisions at
+    any fixed budget) and learns a correction, as APT zero-initialises the new path of a larger patch.
+    """
 
     def __init__(self, config: MSViTConfig):
         super().__init__()
@@ -212,6 +242,10 @@ class MSViTGate(nn.Module):
         # cannot shard 0-d parameters
         self.split_logit_bias = nn.Parameter(torch.zeros(1))
         self.activation = nn.GELU()
+        self.rule_score = None
+        if config.gate_residual_rule is not None:
+            self.rule_score = MSViTRuleScore(config, config.gate_residual_rule)
+            self.rule_scale = nn.Parameter(torch.ones(1))
 
     @staticmethod
     def layer_sizes(config: MSViTConfig) -> list[int]:
@@ -224,41 +258,28 @@ class MSViTGate(nn.Module):
             input_size = config.num_channels * config.patch_size**2
         return [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
 
-    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+    def forward(self, regions: torch.Tensor, full_regions: torch.Tensor | None = None) -> torch.Tensor:
+        """Split logits `(B, Nc)` from the gate's inputs `(B, Nc, F)`; a residual gate's rule also reads the
+        full-resolution regions `(B, Nc, P)`."""
         hidden_states = regions
         for layer in self.layers[:-1]:
             hidden_states = self.activation(layer(hidden_states))
-        return self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias
+        split_logits = self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias
+        if self.rule_score is not None:
+            split_logits = split_logits + self.rule_scale * self.rule_score(full_regions).to(split_logits.dtype)
+        return split_logits
 
 
 class MSViTContentGate(nn.Module):
-    """A training-free gate (APT's adaptive patch sizes): scores each coarse region by the spread of its own pixels.
-
-    `"entropy"`: the entropy of the histogram of the region's pixel values (all channels, `gate_entropy_bins` bins
-    over `gate_entropy_range`), divided by its maximum `log(bins)`; `"std"`: `tanh` of their standard deviation.
-    Either score lies in [0, 1] and is the split probability, so a threshold reads as a fraction of the maximum.
-    """
+    """A training-free gate: the split probability of a region is its rule score (`MSViTRuleScore`, in [0, 1]), so a
+    threshold reads as a fraction of the maximum."""
 
     def __init__(self, config: MSViTConfig):
         super().__init__()
-        self.rule = config.gate_type
-        self.num_bins = config.gate_entropy_bins
-        self.value_range = tuple(config.gate_entropy_range)
+        self.rule_score = MSViTRuleScore(config, config.gate_type)
 
-    def forward(self, regions: torch.Tensor) -> torch.Tensor:
-        regions = regions.float()
-        if self.rule == "std":
-            split_probs = torch.tanh(regions.std(dim=-1, unbiased=False))
-        else:
-            low, high = self.value_range
-            bins = ((regions - low) * (self.num_bins / (high - low))).floor().clamp(0, self.num_bins - 1).long()
-            counts = regions.new_zeros(*regions.shape[:-1], self.num_bins).scatter_add_(
-                -1, bins, torch.ones_like(regions)
-            )
-            frequencies = counts / regions.shape[-1]
-            entropy = -(frequencies * torch.log(frequencies.clamp_min(1e-12))).sum(-1)
-            split_probs = entropy / math.log(self.num_bins)
-        return torch.logit(split_probs, eps=1e-6)
+    def forward(self, regions: torch.Tensor, full_regions: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.logit(self.rule_score(regions), eps=1e-6)
 
 
 class MSViTEmbeddings(nn.Module):
@@ -318,13 +339,19 @@ class MSViTEmbeddings(nn.Module):
             tokens = torch.where((index < num_coarse)[..., None], coarse, tokens)
         return tokens
 
-    def gate_inputs(self, pixel_values: torch.Tensor, coarse_patches: torch.Tensor) -> torch.Tensor:
-        if self.config.gate_input == "pixels" or self.config.gate_type != "learned":
-            return patchify(pixel_values, self.config.coarse_patch_size)
-        if self.config.gate_input == "coarse_embedding":
-            projection = self.coarse_patch_embeddings or self.patch_embeddings
-            return projection(coarse_patches)
-        return coarse_patches
+    def gate_split_logits(self, pixel_values: torch.Tensor, coarse_patches: torch.Tensor) -> torch.Tensor:
+        """The gate's split logits `(B, Nc)`, from what it reads (`config.gate_input`; a rule reads the
+        full-resolution regions)."""
+        config = self.config
+        needs_full = config.gate_type != "learned" or config.gate_input == "pixels" or config.gate_residual_rule
+        full_regions = patchify(pixel_values, config.coarse_patch_size) if needs_full else None
+        if config.gate_type != "learned" or config.gate_input == "pixels":
+            inputs = full_regions
+        elif config.gate_input == "coarse_embedding":
+            inputs = (self.coarse_patch_embeddings or self.patch_embeddings)(coarse_patches)
+        else:
+            inputs = coarse_patches
+        return self.gate(inputs, full_regions)
 
     def decide(
         self, split_logits: torch.Tensor, split_probs: torch.Tensor, split_mask: torch.Tensor | None
@@ -357,7 +384,7 @@ class MSViTEmbeddings(nn.Module):
         height, width = pixel_values.shape[-2:]
         num_coarse = (height // self.config.coarse_patch_size) * (width // self.config.coarse_patch_size)
         coarse_patches = candidate_patches(pixel_values, self.patch_size, self.ratio)[:, :num_coarse]
-        return self.gate(self.gate_inputs(pixel_values, coarse_patches))
+        return self.gate_split_logits(pixel_values, coarse_patches)
 
     def predict_split_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The inference decisions `(B, Nc)` for these images from the gate alone."""
@@ -378,7 +405,7 @@ class MSViTEmbeddings(nn.Module):
         num_coarse = (height // self.config.coarse_patch_size) * (width // self.config.coarse_patch_size)
         candidates = candidate_patches(pixel_values, self.patch_size, self.ratio)
         coarse_patches = candidates[:, :num_coarse]
-        split_logits = self.gate(self.gate_inputs(pixel_values, coarse_patches))
+        split_logits = self.gate_split_logits(pixel_values, coarse_patches)
         budgeted = (
             split_mask is None
             and self.config.fine_ratio_budget is not None
@@ -642,8 +669,13 @@ class MSViTPreTrainedModel(PreTrainedModel):
             # regresses a loss drop, start at none; a prior off 0 ranks the regions the gate has not learnt yet below
             # (target < 0.5) or above (> 0.5) the learnt ones, and trained from scratch on the gate's own ranking the
             # backbone then never sees those regions fine
-            objective_prior = self._target_logit() if self.config.gate_objective == "straight_through" else 0.0
+            straight_through = self.config.gate_objective == "straight_through"
+            residual = module.rule_score is not None
+            objective_prior = self._target_logit() if straight_through and not residual else 0.0
             init.constant_(module.split_logit_bias, objective_prior)
+            if residual:  # start as the rule exactly: unit scale on its score, no correction
+                init.ones_(module.rule_scale)
+                init.zeros_(module.layers[-1].weight)
         elif isinstance(module, MSViTMaskTransformerDecoder):
             init.trunc_normal_(module.class_embeddings, mean=0.0, std=self.config.initializer_range)
 
@@ -725,6 +757,22 @@ class MSViTPreTrainedModel(PreTrainedModel):
         """The task loss of every image `(B,)`: what a region's split is worth to the counterfactual objective."""
         raise NotImplementedError
 
+    def _per_image_divergence(self, logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+        """`KL(softmax(reference) || softmax(logits))` over the class dimension (1), averaged over any positions
+        after it (segmentation): `(B,)`."""
+        if logits.shape[1] < 2:
+            raise ValueError(
+                "counterfactual_target='all_fine_kl' compares class distributions and needs num_labels >= 2; use "
+                "counterfactual_target='task_loss'."
+            )
+        divergence = F.kl_div(
+            F.log_softmax(logits.float(), dim=1),
+            F.log_softmax(reference_logits.float(), dim=1),
+            log_target=True,
+            reduction="none",
+        ).sum(1)
+        return divergence.reshape(len(logits), -1).mean(-1)
+
     def _training_gate_loss(
         self,
         pixel_values: torch.Tensor,
@@ -749,18 +797,36 @@ class MSViTPreTrainedModel(PreTrainedModel):
         batch_size, num_coarse = split_mask.shape
         flips = sample_flips(batch_size, num_coarse, config.counterfactual_flips, split_mask.device)
         num_flips = flips.shape[1]
-        with torch.no_grad():
-            layout_losses = self._per_image_loss(logits.detach(), labels)
-            flipped_pixels = pixel_values.repeat_interleave(num_flips, dim=0)
-            flipped_outputs = self.msvit(
-                flipped_pixels,
-                split_mask=flipped_layouts(split_mask, flips),
+
+        def logits_of(layouts: torch.Tensor) -> torch.Tensor:
+            repeated = pixel_values.repeat_interleave(len(layouts) // batch_size, dim=0)
+            layout_outputs = self.msvit(
+                repeated,
+                split_mask=layouts,
                 token_path="gathered",
                 interpolate_pos_encoding=interpolate_pos_encoding,
                 return_dict=True,
             )
-            flipped_logits = self._task_logits(flipped_outputs, flipped_pixels)
-            flipped_losses = self._per_image_loss(flipped_logits, labels.repeat_interleave(num_flips, dim=0))
+            return self._task_logits(layout_outputs, repeated)
+
+        with torch.no_grad():
+            if config.counterfactual_target == "all_fine_kl":
+                # label-free: how far each layout's prediction is from the model's own all-fine prediction
+                reference = logits_of(torch.ones_like(split_mask))
+
+                def per_image_loss(task_logits: torch.Tensor) -> torch.Tensor:
+                    repeat = len(task_logits) // batch_size
+                    return self._per_image_divergence(task_logits, reference.repeat_interleave(repeat, dim=0))
+
+            else:
+
+                def per_image_loss(task_logits: torch.Tensor) -> torch.Tensor:
+                    return self._per_image_loss(
+                        task_logits, labels.repeat_interleave(len(task_logits) // batch_size, 0)
+                    )
+
+            layout_losses = per_image_loss(logits.detach())
+            flipped_losses = per_image_loss(logits_of(flipped_layouts(split_mask, flips)))
             loss_drop = split_loss_drop(split_mask, flips, layout_losses, flipped_losses.view(batch_size, num_flips))
         predicted = outputs.split_logits.gather(1, flips)
         return counterfactual_regression_loss(predicted, loss_drop, config.counterfactual_target_scale)
@@ -777,10 +843,14 @@ class MSViTPreTrainedModel(PreTrainedModel):
         height, width = image_size or (fine_height * config.patch_size, fine_width * config.patch_size)
         num_coarse = (height // config.coarse_patch_size) * (width // config.coarse_patch_size)
         patch_values = config.num_channels * config.patch_size**2
+        # a rule reads every value of its region once
+        rule = num_coarse * config.num_channels * config.coarse_patch_size**2
         if config.gate_type == "learned":
             gate = num_coarse * mlp_macs(MSViTGate.layer_sizes(config))
-        else:  # a rule gate reads every value of its region once
-            gate = num_coarse * config.num_channels * config.coarse_patch_size**2
+            if config.gate_residual_rule is not None:
+                gate += rule
+        else:
+            gate = rule
         if config.gate_type == "learned" and config.gate_input == "coarse_embedding":
             gate += num_coarse * patch_values * config.hidden_size
         projections = 2 if config.separate_coarse_embedding else 1

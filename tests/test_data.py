@@ -21,8 +21,13 @@ from msvit.train.data import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     PLACEMENT_SEEDS,
+    TEST_BACKGROUNDS,
+    TEXTURE_SEEDS,
+    TRAIN_BACKGROUNDS,
     FashionMNISTNotFoundError,
     add_clutter,
+    add_texture_background,
+    background_photos,
     class_names,
     collate_fn,
     image_column_of,
@@ -295,6 +300,65 @@ def test_cluttered_splits_are_the_translated_canvases_with_seeded_clutter(tiny_d
         assert cluttered[split]["top"] == clean[split]["top"]
         expected = add_clutter(clean[split], seed=CLUTTER_SEEDS[split])
         np.testing.assert_array_equal(canvases_of(cluttered[split]), canvases_of(expected))
+
+
+def gradient_photo(height: int, width: int) -> np.ndarray:
+    """A grey photo whose value is its column index, scaled to [0, 1]: a crop's value tells where it was cut."""
+    return np.broadcast_to(np.linspace(0.0, 1.0, width), (height, width)).copy()
+
+
+def test_texture_background_keeps_the_item_and_fills_the_rest_from_a_photo_crop(tiny_dir):
+    translated = translate_to_canvas(load_fashion_mnist("test", data_dir=tiny_dir), seed=2)
+    photos = [gradient_photo(200, 300), np.zeros((100, 100))]
+    photos[1][50:, :] = 1.0  # top half black, bottom half white
+    textured = add_texture_background(translated, seed=5, photos=photos, contrast=0.6)
+    assert textured.column_names == translated.column_names
+    assert textured["top"] == translated["top"] and textured["label"] == translated["label"]
+    clean, canvases = canvases_of(translated), canvases_of(textured)
+    item = clean > 0
+    np.testing.assert_array_equal(canvases[item], clean[item])  # item pixels replace the background exactly
+    background = canvases[~item]
+    assert background.max() <= round(0.6 * 255) and background.min() >= 0
+    # the backgrounds are photo crops: varied across canvases, smooth along each row of the gradient photo
+    assert len({canvas[~item[index]].mean().round(1) for index, canvas in enumerate(canvases)}) > 50
+    np.testing.assert_array_equal(canvases_of(add_texture_background(translated, 5, photos, 0.6)), canvases)
+    assert not np.array_equal(canvases_of(add_texture_background(translated, 6, photos, 0.6)), canvases)
+    with pytest.raises(ValueError, match="background_contrast must lie in"):
+        add_texture_background(translated, 5, photos, contrast=0.0)
+    with pytest.raises(ValueError, match="at least one background photo"):
+        add_texture_background(translated, 5, [], contrast=1.0)
+
+
+def test_texture_background_crops_at_least_a_quarter_of_the_photo():
+    # one item-free canvas on a photo of 4 vertical bars: a crop of a quarter of the side or more always spans
+    # several photo values, a tiny crop would be flat
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    blank = datasets.Dataset.from_dict({"image": [PIL.Image.new("L", (16, 16))] * 64, "label": [0] * 64}, features)
+    photo = np.repeat(np.arange(4.0) / 3, 64)[None, :].repeat(256, 0)
+    canvases = canvases_of(add_texture_background(blank, seed=0, photos=[photo], crop_scale=(0.25, 0.25)))
+    # the crop is a quarter of the side: 64 photo columns, 16 canvas columns, at most two bars
+    assert all(len(np.unique(canvas)) <= 3 for canvas in canvases)
+    canvases = canvases_of(add_texture_background(blank, seed=0, photos=[photo], crop_scale=(1.0, 1.0)))
+    assert all(np.array_equal(canvas[0, ::4], np.round(np.arange(4) / 3 * 255)) for canvas in canvases)
+
+
+def test_textured_splits_use_held_out_photos_and_seeded_crops(tiny_dir):
+    assert not set(TRAIN_BACKGROUNDS) & set(TEST_BACKGROUNDS) and len(set(TEXTURE_SEEDS.values())) == 3
+    clean = load_classification_splits("translated_fashion_mnist", data_dir=tiny_dir, validation_size=100)
+    textured = load_classification_splits(
+        "textured_translated_fashion_mnist", data_dir=tiny_dir, validation_size=100, background_contrast=0.5
+    )
+    for split in ("train", "validation", "test"):
+        assert textured[split]["top"] == clean[split]["top"]
+        photos = background_photos(TEST_BACKGROUNDS if split == "test" else TRAIN_BACKGROUNDS)
+        expected = add_texture_background(clean[split], TEXTURE_SEEDS[split], photos, contrast=0.5)
+        np.testing.assert_array_equal(canvases_of(textured[split]), canvases_of(expected))
+
+
+def test_textured_canvases_say_how_to_get_scikit_image(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "skimage", None)
+    with pytest.raises(ImportError, match="pip install scikit-image"):
+        background_photos(["brick"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

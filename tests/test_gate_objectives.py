@@ -201,3 +201,73 @@ def test_any_vit_becomes_a_budgeted_msvit_without_training(tmp_path, rule):
         torch.testing.assert_close(reloaded(pixel_values).logits, outputs.logits)
         exported = torch.export.export(model, (pixel_values,))
         torch.testing.assert_close(exported.module()(pixel_values).logits, outputs.logits)
+
+
+# residual gate: a rule plus a learned correction -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["entropy", "std"])
+@pytest.mark.parametrize("gate_input", ["downscaled_pixels", "pixels"])
+def test_residual_gate_starts_as_its_rule_exactly(rule, gate_input):
+    from transformers import ViTForImageClassification
+
+    vit = ViTForImageClassification(tiny_vit_config()).eval()
+    residual = MSViTForImageClassification.from_vit(vit, gate_residual_rule=rule, gate_input=gate_input).eval()
+    plain_rule = MSViTForImageClassification.from_vit(vit, gate_type=rule).eval()
+    torch.manual_seed(0)
+    pixel_values = torch.rand(6, 3, 32, 32) * 2 - 1
+    pixel_values[:, :, :8, :16] = -1.0  # two empty regions per image: a tie, as on a black canvas
+    gate = residual.msvit.embeddings.gate
+    assert gate.rule_scale.item() == 1.0 and gate.split_logit_bias.item() == 0.0
+    assert gate.layers[-1].weight.abs().max().item() == 0.0
+    with torch.no_grad():
+        # the logit is the rule's score in [0, 1], so the ranking is the rule's
+        logits = residual.msvit.embeddings.predict_split_logits(pixel_values)
+        rule_probs = torch.sigmoid(plain_rule.msvit.embeddings.predict_split_logits(pixel_values))
+        torch.testing.assert_close(logits, rule_probs.clamp_min(1e-6), rtol=0, atol=1e-6)
+        for ratio in (0.125, 0.25, 0.5, 0.75):
+            residual.set_budget(fine_ratio=ratio)
+            plain_rule.set_budget(fine_ratio=ratio)
+            expected = plain_rule(pixel_values)
+            outputs = residual(pixel_values)
+            assert torch.equal(outputs.split_mask, expected.split_mask)
+            torch.testing.assert_close(outputs.logits, expected.logits, rtol=0, atol=0)
+    # MACs: the MLP on each region plus the rule's one pass over its 3 x 8 x 8 values
+    counts = torch.tensor([17, 41])
+    mlp = mlp_macs(MSViTGate.layer_sizes(residual.config))
+    assert MSViTGate.layer_sizes(residual.config)[0] == 3 * (8 if gate_input == "pixels" else 4) ** 2
+    rule_macs = plain_rule.compute_macs(counts) - 16 * 3 * 8 * 8
+    assert (residual.compute_macs(counts) - rule_macs).tolist() == [16 * mlp + 16 * 3 * 8 * 8] * 2
+
+
+def test_residual_gate_learns_a_correction_and_round_trips(tmp_path, pixel_values):
+    model = MSViTForImageClassification(tiny_config(gate_residual_rule="std", gate_input="pixels")).train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = ".gate." in name
+    model(pixel_values, labels=torch.arange(8) % 5).loss.backward()
+    gate = model.msvit.embeddings.gate
+    # every part of the gate hears from the regression: the scale and bias of the rule, and the zero last layer
+    for parameter in (gate.rule_scale, gate.split_logit_bias, gate.layers[-1].weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    with torch.no_grad():
+        gate.layers[-1].weight.normal_()
+        gate.rule_scale.fill_(0.3)
+    model.eval().set_budget(fine_ratio=0.5)
+    with torch.no_grad():
+        expected = model(pixel_values)
+    model.save_pretrained(tmp_path)
+    reloaded = MSViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.gate_residual_rule == "std"
+    assert reloaded.msvit.embeddings.gate.rule_scale.item() == pytest.approx(0.3)
+    with torch.no_grad():
+        outputs = reloaded(pixel_values)
+    assert torch.equal(outputs.split_mask, expected.split_mask)
+    torch.testing.assert_close(outputs.split_logits, expected.split_logits, rtol=0, atol=0)
+
+
+def test_residual_rule_is_validated_and_absent_from_old_configs():
+    with pytest.raises(ValueError, match="`gate_residual_rule` must be None or one of"):
+        tiny_config(gate_residual_rule="variance")
+    legacy = tiny_config().to_dict()
+    del legacy["gate_residual_rule"]
+    assert type(tiny_config()).from_dict(legacy).gate_residual_rule is None

@@ -17,6 +17,13 @@ each with an `image` column (PIL image) and a `label` column (`datasets.ClassLab
   other items of the same split and dropped at random positions (`add_clutter`; fragments and positions drawn from a
   fixed seed per split, `CLUTTER_SEEDS`). Clutter looks like item texture, so a region's pixel statistics no longer
   say whether it holds the item.
+- `"textured_translated_fashion_mnist"`: Textured Translated Fashion-MNIST, a data set composed here after the
+  MNIST-back-image protocol of Larochelle et al. (ICML 2007): the translated canvases above (same items, same
+  placements), each on a random crop of a grey photo or texture that ships inside scikit-image instead of black
+  (`add_texture_background`). Training and validation backgrounds come from `TRAIN_BACKGROUNDS`, test backgrounds
+  from `TEST_BACKGROUNDS` (photos never seen in training); crops are drawn from a fixed seed per split
+  (`TEXTURE_SEEDS`), and `background_contrast` scales the backgrounds to `[0, contrast]` of the pixel range. Here a
+  region's pixel statistics mislead: texture is as busy as cloth. Needs scikit-image (a dependency of `make test`).
 - `"imagefolder:<dir>"`: a local folder read by `datasets`' `imagefolder` builder (one sub-folder per class,
   optionally under `train/`, `validation/`, `test/`); missing validation/test splits are carved out of train.
 - any other string: a Hub data set id (or a local data set folder) loaded with `datasets.load_dataset`, e.g.
@@ -70,7 +77,17 @@ PLACEMENT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 CLUTTER_SEEDS = {"train": 10, "validation": 11, "test": 12}
 CLUTTER_FRAGMENTS = 6
 CLUTTER_FRAGMENT_SIZE = 12
-TRANSLATED_DATASETS = ("translated_fashion_mnist", "cluttered_translated_fashion_mnist")
+# Textured canvases: backgrounds are grey crops of photos and textures shipped in scikit-image (`skimage.data`);
+# the test split's photos are never used in training or validation.
+TRAIN_BACKGROUNDS = ("brick", "grass", "gravel", "camera", "astronaut", "coffee", "page")
+TEST_BACKGROUNDS = ("chelsea", "rocket", "text", "coins", "moon")
+TEXTURE_SEEDS = {"train": 20, "validation": 21, "test": 22}
+TEXTURE_CROP_SCALE = (0.25, 1.0)
+TRANSLATED_DATASETS = (
+    "translated_fashion_mnist",
+    "cluttered_translated_fashion_mnist",
+    "textured_translated_fashion_mnist",
+)
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 LABEL_COLUMN_NAMES = ("label", "labels")
 
@@ -368,6 +385,86 @@ def add_clutter(
     )
 
 
+def background_photos(names: Sequence[str]) -> list[np.ndarray]:
+    """The scikit-image photos `names` (e.g. `"brick"`) as grey float arrays in [0, 1] (min-max scaled per photo).
+
+    Raises `ImportError` saying how to install scikit-image, which ships them, when it is missing."""
+    try:
+        from skimage import data as skimage_data
+    except ImportError as error:
+        raise ImportError(
+            "The textured canvases' backgrounds are photos shipped inside scikit-image: `pip install scikit-image` "
+            "(pinned in requirements.txt)."
+        ) from error
+    photos = []
+    for name in names:
+        photo = np.asarray(getattr(skimage_data, name)(), dtype=np.float64)
+        if photo.ndim == 3:  # RGB(A): ITU-R 601 luma, as PIL's "L" conversion
+            photo = photo[..., :3] @ np.array([0.299, 0.587, 0.114])
+        low, high = photo.min(), photo.max()
+        photos.append((photo - low) / (high - low))
+    return photos
+
+
+def add_texture_background(
+    dataset: datasets.Dataset,
+    seed: int,
+    photos: Sequence[np.ndarray],
+    contrast: float = 1.0,
+    crop_scale: tuple[float, float] = TEXTURE_CROP_SCALE,
+) -> datasets.Dataset:
+    """Translated canvases (`translate_to_canvas` output, grayscale) on photo backgrounds instead of black: the
+    MNIST-back-image protocol (Larochelle et al. 2007).
+
+    For every canvas, drawn from `numpy.random.default_rng(seed)`: a photo of `photos` (grey, values in [0, 1]), a
+    square crop whose side is a uniform fraction in `crop_scale` of the photo's shorter side (and never shorter than
+    the canvas), at a uniformly random position, resized to the canvas (area average). The crop is scaled to
+    `[0, contrast]` of the pixel range, and every item pixel above 0 replaces it (the item keeps its exact values).
+    Other columns, `top` and `left` included, are kept, so the item's regions are those of the clean canvas.
+    """
+    if not 0.0 < contrast <= 1.0:
+        raise ValueError(f"background_contrast must lie in (0, 1], got {contrast}.")
+    low_scale, high_scale = crop_scale
+    if not 0.0 < low_scale <= high_scale <= 1.0:
+        raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}.")
+    if not photos:
+        raise ValueError("add_texture_background needs at least one background photo.")
+    stored = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    stored = stored.with_format("arrow")[:]["image"].combine_chunks()
+    canvases = np.stack([_decode_image(data, None) for data in stored.field("bytes").to_pylist()])
+    if canvases.ndim != 3 or canvases.shape[1] != canvases.shape[2]:
+        raise ValueError(f"add_texture_background expects square grayscale canvases, got {canvases.shape[1:]}.")
+    num, canvas_size = len(canvases), canvases.shape[1]
+    rng = np.random.default_rng(seed)
+    choices = rng.integers(0, len(photos), size=num)
+    scales = rng.uniform(low_scale, high_scale, size=num)
+    corners = rng.uniform(0.0, 1.0, size=(num, 2))
+    pil_photos = [PIL.Image.fromarray(photo.astype(np.float32), mode="F") for photo in photos]
+    records, textured = _pnm_records(num, canvases.shape[1:])
+    for index in range(num):
+        photo = photos[choices[index]]
+        side = max(canvas_size, round(scales[index] * min(photo.shape)))
+        side = min(side, min(photo.shape))
+        top = int(corners[index, 0] * (photo.shape[0] - side + 1))
+        left = int(corners[index, 1] * (photo.shape[1] - side + 1))
+        crop = pil_photos[choices[index]].resize(
+            (canvas_size, canvas_size), PIL.Image.Resampling.BOX, box=(left, top, left + side, top + side)
+        )
+        background = np.rint(np.asarray(crop) * (255 * contrast)).clip(0, 255).astype(np.uint8)
+        textured[index] = np.where(canvases[index] > 0, canvases[index], background)
+    rest = dataset.remove_columns(["image"])
+    rest_table = rest.with_format("arrow")[:]
+    columns = {"image": _image_column(records), **{name: rest_table.column(name) for name in rest_table.column_names}}
+    features = datasets.Features({"image": datasets.Image(), **rest.features})
+    photo_hash = hashlib.sha256(b"".join(photo.tobytes() for photo in photos)).hexdigest()[:16]
+    return _in_memory_dataset(
+        columns,
+        features,
+        dataset.split,
+        ("add_texture_background", dataset._fingerprint, seed, photo_hash, contrast, tuple(crop_scale)),
+    )
+
+
 def train_validation_split(
     dataset: datasets.Dataset,
     validation_size: int | float = 5000,
@@ -489,6 +586,7 @@ def load_classification_splits(
     validation_size: int | float = 5000,
     seed: int = 0,
     canvas_size: int = 64,
+    background_contrast: float = 1.0,
     data_dir: str | Path | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
@@ -496,11 +594,12 @@ def load_classification_splits(
 ) -> datasets.DatasetDict:
     """Splits `train`, `validation`, `test` with columns `image` (PIL) and `label` (`ClassLabel` or int).
 
-    `dataset`: `"fashion_mnist"`, `"translated_fashion_mnist"` or `"cluttered_translated_fashion_mnist"` (both add
-    `top`, `left`), `"imagefolder:<dir>"` or a
-    Hub id (see the module docstring). `validation_size` rows (or that fraction) are carved from train with `seed`
-    when the data set has no validation split (and likewise for a missing test split). `canvas_size` applies to the
-    translated data set, `data_dir` to the Fashion-MNIST IDX folder, `cache_dir` to `datasets.load_dataset`.
+    `dataset`: `"fashion_mnist"`, one of `TRANSLATED_DATASETS` (the translated canvases, clean, cluttered or
+    textured; they add `top`, `left`), `"imagefolder:<dir>"` or a Hub id (see the module docstring).
+    `validation_size` rows (or that fraction) are carved from train with `seed` when the data set has no validation
+    split (and likewise for a missing test split). `canvas_size` applies to the translated data sets,
+    `background_contrast` to the textured one, `data_dir` to the Fashion-MNIST IDX folder, `cache_dir` to
+    `datasets.load_dataset`.
     `max_train_samples` / `max_eval_samples` keep a fixed random subset (seeded by `seed`) of train / of validation
     and test, taken after translation so that a subset's canvases are those of the full split.
     """
@@ -519,6 +618,14 @@ def load_classification_splits(
             }
         if dataset == "cluttered_translated_fashion_mnist":
             splits = {split: add_clutter(part, seed=CLUTTER_SEEDS[split]) for split, part in splits.items()}
+        if dataset == "textured_translated_fashion_mnist":
+            photos = {"train": background_photos(TRAIN_BACKGROUNDS), "test": background_photos(TEST_BACKGROUNDS)}
+            splits = {
+                split: add_texture_background(
+                    part, TEXTURE_SEEDS[split], photos["test" if split == "test" else "train"], background_contrast
+                )
+                for split, part in splits.items()
+            }
     elif dataset.startswith("imagefolder:"):
         folder = Path(dataset.removeprefix("imagefolder:")).expanduser()
         if not folder.is_dir():

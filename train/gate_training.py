@@ -190,16 +190,11 @@ def evaluate_split_policy(
 
 def split_rates(splits: torch.Tensor, content: torch.Tensor, item: torch.Tensor | None = None) -> dict[str, float]:
     """How often `(N, Nc)` decisions split the item's regions (`split_rate_content`; `item` defaults to every region
-    with `content`), empty regions, and, when there is any, clutter (content outside the item)."""
+    with `content`), and, where there are any, empty regions (`split_rate_empty`) and content outside the item
+    (`split_rate_clutter`: clutter fragments, or a textured background, where no region is empty)."""
     item = content if item is None else item
-    clutter = content & ~item
-    rates = {
-        "split_rate_content": splits[item].float().mean().item(),
-        "split_rate_empty": splits[~content].float().mean().item(),
-    }
-    if clutter.any():
-        rates["split_rate_clutter"] = splits[clutter].float().mean().item()
-    return rates
+    groups = {"split_rate_content": item, "split_rate_empty": ~content, "split_rate_clutter": content & ~item}
+    return {name: splits[regions].float().mean().item() for name, regions in groups.items() if regions.any()}
 
 
 @torch.no_grad()

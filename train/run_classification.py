@@ -74,7 +74,14 @@ class ClassificationArguments(CommonArguments):
     )
     dataset: str = field(
         default="translated_fashion_mnist",
-        metadata={"help": "fashion_mnist, translated_fashion_mnist, imagefolder:<dir> or a Hub data set id."},
+        metadata={
+            "help": "fashion_mnist, translated_fashion_mnist (or its cluttered_ / textured_ variant), "
+            "imagefolder:<dir> or a Hub data set id."
+        },
+    )
+    background_contrast: float = field(
+        default=1.0,
+        metadata={"help": "textured_translated_fashion_mnist: backgrounds span [0, contrast] of the pixel range."},
     )
     image_size: int | None = field(
         default=None,
@@ -154,6 +161,7 @@ def train_classifier(args: ClassificationArguments) -> dict:
         args.dataset,
         validation_size=int(args.validation_size) if args.validation_size >= 1 else args.validation_size,
         seed=args.seed,
+        background_contrast=args.background_contrast,
         data_dir=args.data_dir,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
