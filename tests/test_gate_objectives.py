@@ -271,3 +271,45 @@ def test_residual_rule_is_validated_and_absent_from_old_configs():
     legacy = tiny_config().to_dict()
     del legacy["gate_residual_rule"]
     assert type(tiny_config()).from_dict(legacy).gate_residual_rule is None
+
+
+@pytest.mark.parametrize("head", ["classification", "segmentation"])
+def test_label_free_target_regresses_the_drop_of_divergence_from_all_fine(monkeypatch, head):
+    torch.manual_seed(0)
+    config = dict(counterfactual_flips=2, counterfactual_target="all_fine_kl", counterfactual_target_scale=10.0)
+    if head == "classification":
+        model, labels = MSViTForImageClassification(tiny_config(**config)).train(), torch.arange(4) % 5
+    else:
+        model = MSViTForSemanticSegmentation(tiny_config(num_labels=4, **config)).train()
+        labels = torch.randint(0, 4, (4, 32, 32))
+    pixel_values = torch.randn(4, 3, 32, 32)
+    flips = record_flips(monkeypatch)
+    outputs = model(pixel_values, labels=labels)
+    (flips,) = flips
+    model.eval()
+    with torch.no_grad():
+
+        def divergences(split_mask):
+            repeat = len(split_mask) // 4
+            repeated = pixel_values.repeat_interleave(repeat, 0)
+            log_p = model(repeated, split_mask=split_mask).logits.log_softmax(1)
+            fine = model(repeated, split_mask=torch.ones_like(split_mask)).logits.log_softmax(1)
+            kl = (fine.exp() * (fine - log_p)).sum(1)
+            return kl.flatten(1).mean(-1) if kl.ndim > 1 else kl
+
+        layout = outputs.split_mask
+        flipped = divergences(flipped_layouts(layout, flips)).view(4, 2)
+        drop = split_loss_drop(layout, flips, divergences(layout), flipped)
+        logits = model.msvit(pixel_values, split_mask=layout).split_logits.gather(1, flips)
+    torch.testing.assert_close(outputs.gate_loss, ((logits - 10.0 * drop) ** 2).mean(), rtol=1e-4, atol=1e-5)
+    assert drop.abs().max() > 0
+    # all fine is the reference: splitting the last kept region of an image brings the divergence to exactly 0
+    assert divergences(torch.ones(4, NUM_COARSE, dtype=torch.bool)).abs().max() < 1e-6
+
+
+def test_label_free_target_needs_classes():
+    model = MSViTForImageClassification(tiny_config(num_labels=1, counterfactual_target="all_fine_kl")).train()
+    with pytest.raises(ValueError, match="needs num_labels >= 2"):
+        model(torch.randn(2, 3, 32, 32), labels=torch.randn(2))
+    with pytest.raises(ValueError, match="`counterfactual_target` must be one of"):
+        tiny_config(counterfactual_target="kl")
