@@ -60,8 +60,16 @@ ABLATIONS = {
     "straight_through (BaS)": ("straight_through", dict(gate_loss_type="bas")),
 }
 FIXED_POLICIES = ("all_fine", "all_coarse")
-KIND_NAMES = {"content": "item's regions (oracle)", "entropy": "entropy (training-free)"}
+KIND_NAMES = {
+    "content": "item's regions (oracle)",
+    "entropy": "entropy (training-free)",
+    "std": "std (training-free)",
+}
 RANKED_POLICIES = ("random", "centre")
+# split rates: the item's regions, other content (clutter, or a textured background) and empty regions
+SPLIT_RATES = {"split_rate_content": "item", "split_rate_clutter": "other content", "split_rate_empty": "empty"}
+# the training-free rules (APT's entropy, and the pixel standard deviation): the baseline every learned gate must beat
+RULES = ("entropy", "std")
 
 
 @dataclass
@@ -71,6 +79,9 @@ class GateStudyArguments:
     dataset: str = field(
         default="translated_fashion_mnist",
         metadata={"help": "The backbone's data set.", "choices": TRANSLATED_DATASETS},
+    )
+    background_contrast: float = field(
+        default=1.0, metadata={"help": "textured_translated_fashion_mnist: the backgrounds' contrast."}
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every trained row."})
     ratios: list[float] = field(
@@ -125,7 +136,8 @@ class GateStudy:
         load = dict(
             seed=args.data_seed, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
         )
-        self.data = split_tensors(load_classification_splits(args.dataset, **load), processor, self.num_channels)
+        splits = load_classification_splits(args.dataset, background_contrast=args.background_contrast, **load)
+        self.data = split_tensors(splits, processor, self.num_channels)
         self.items = {split: None for split in self.data}
         if args.dataset != "translated_fashion_mnist":
             # the item's regions are those with content on the clean canvas: the same items at the same places
@@ -165,10 +177,9 @@ class GateStudy:
         self.rows[name] = {**row, "value": value, **measured}
         self.save()
         test = measured["test"]
-        print(
-            f"{name}: test {100 * test['accuracy']:.2f} %, item/empty split "
-            f"{test['split_rate_content']:.2f}/{test['split_rate_empty']:.2f}, {test['gmacs']:.4f} GMACs"
-        )
+        rates = "/".join(f"{test[key]:.2f}" for key in SPLIT_RATES if key in test)
+        groups = "/".join(name for key, name in SPLIT_RATES.items() if key in test)
+        print(f"{name}: test {100 * test['accuracy']:.2f} %, {groups} split {rates}, {test['gmacs']:.4f} GMACs")
 
     def trained_gate(
         self, kind: str, objective: str, seed: int, ratios: list[float] | None = None, **overrides
@@ -219,7 +230,7 @@ class GateStudy:
             for ratio in args.ratios:
                 for kind, policy, overrides in (
                     ("centre", "centre", {}),
-                    ("entropy", "gate", {"gate_type": "entropy"}),
+                    *((rule, "gate", {"gate_type": rule}) for rule in RULES),
                 ):
                     name = row_name(kind, tuning, ratio_budget(ratio))
                     if name not in self.rows:
@@ -314,7 +325,7 @@ class GateStudy:
                 model = self.finetuned(self.model(), seed, f"fine-tune {policy}", split_policy=policy)
                 self.record(name, model, policy=policy, kind=policy, tuning=tuning, budget=None, seed=seed)
         ranked = {policy: (policy, {}) for policy in RANKED_POLICIES}
-        ranked["entropy"] = ("gate", {"gate_type": "entropy"})
+        ranked.update({rule: ("gate", {"gate_type": rule}) for rule in RULES})
         for kind, (policy, overrides) in ranked.items():
             names = {ratio: row_name(kind, tuning, ratio_budget(ratio), seed) for ratio in args.ratios}
             if not self.missing(list(names.values())):
@@ -390,10 +401,10 @@ def group_rows(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
 def summary_table(rows: dict[str, dict], throughput: dict) -> str:
     """Markdown: one line per (policy, frozen or fine-tuned, budget), mean ± std over seeds."""
     groups = group_rows(rows)
-    clutter = any("split_rate_clutter" in row["test"] for row in rows.values())
+    rates = [key for key in SPLIT_RATES if any(key in row["test"] for row in rows.values())]
     lines = [
         "| split policy | backbone | budget | seeds | validation top-1 (%) | test top-1 (%) | GMACs | tokens "
-        "| split rate: item" + (" / clutter" if clutter else "") + " / empty | throughput vs ViT/8 |",
+        f"| split rate: {' / '.join(SPLIT_RATES[key] for key in rates)} | throughput vs ViT/8 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -404,7 +415,6 @@ def summary_table(rows: dict[str, dict], throughput: dict) -> str:
 
     for (kind, tuning, budget), group in sorted(groups.items(), key=order):
         test = [row["test"] for row in group]
-        rates = ["split_rate_content", *(["split_rate_clutter"] if clutter else []), "split_rate_empty"]
         rate_text = " / ".join(
             f"{statistics.mean(measured.get(rate, 0.0) for measured in test):.2f}" for rate in rates
         )

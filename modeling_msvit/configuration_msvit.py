@@ -5,7 +5,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 
-GATE_INPUTS = ("downscaled_pixels", "pixels", "coarse_embedding")
+GATE_INPUTS = ("downscaled_pixels", "pixels", "neighbourhood", "coarse_embedding")
 GATE_TYPES = ("learned", "entropy", "std")
 GATE_RULES = ("entropy", "std")
 GATE_OBJECTIVES = ("counterfactual", "straight_through")
@@ -89,8 +89,9 @@ class MSViTConfig(PreTrainedConfig):
             for other normalisations.
         gate_input (`str`, *optional*, defaults to `"downscaled_pixels"`):
             What the gate reads for each coarse region: `"downscaled_pixels"` (the region area-downscaled to
-            `patch_size`), `"pixels"` (the region at full resolution) or `"coarse_embedding"` (the coarse token's patch
-            embedding, without position).
+            `patch_size`), `"pixels"` (the region at full resolution), `"neighbourhood"` (the region at full
+            resolution and, for context, the 3 x 3 regions around it area-downscaled to `patch_size`, 0 outside the
+            image) or `"coarse_embedding"` (the coarse token's patch embedding, without position).
         gate_residual_rule (`str`, *optional*):
             Learned gate only: make it a residual gate on a training-free rule (`"std"` or `"entropy"`, as in
             `gate_type`). Its logit is `rule_scale * score + bias + MLP(region)`, with the rule's score in [0, 1],

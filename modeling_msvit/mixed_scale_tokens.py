@@ -18,6 +18,7 @@ position embeddings); the orders are fixed so that outputs can be mapped back to
 """
 
 import torch
+from torch.nn import functional as F
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -31,6 +32,15 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
         batch_size, channels, height // patch_size, patch_size, width // patch_size, patch_size
     )
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, -1, channels * patch_size * patch_size)
+
+
+def region_neighbourhoods(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
+    """Every coarse region's 3 x 3 neighbourhood of coarse regions, area-downscaled by `r` to `patch_size` each:
+    `(B, Nc, C * (3p)**2)` in raster order of the regions, each flattened in `(channel, row, column)` order. Outside
+    the image the neighbourhood reads 0."""
+    pooled = F.avg_pool2d(pixel_values, ratio)
+    windows = F.unfold(pooled, kernel_size=3 * patch_size, stride=patch_size, padding=patch_size)
+    return windows.transpose(1, 2)
 
 
 def candidate_patches(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
@@ -285,6 +295,7 @@ __all__ = [
     "packed_token_rows",
     "padded_token_rows",
     "patchify",
+    "region_neighbourhoods",
     "pool_fine_grid",
     "token_cell_counts",
     "token_counts",

@@ -42,6 +42,7 @@ from .mixed_scale_tokens import (
     padded_token_rows,
     patchify,
     pool_fine_grid,
+    region_neighbourhoods,
     token_cell_counts,
     token_counts,
     token_sizes,
@@ -252,6 +253,8 @@ class MSViTGate(nn.Module):
         """Input, hidden and output sizes of the MLP, from what the gate reads (`config.gate_input`)."""
         if config.gate_input == "pixels":
             input_size = config.num_channels * config.coarse_patch_size**2
+        elif config.gate_input == "neighbourhood":
+            input_size = config.num_channels * (config.coarse_patch_size**2 + 9 * config.patch_size**2)
         elif config.gate_input == "coarse_embedding":
             input_size = config.hidden_size
         else:
@@ -343,10 +346,14 @@ class MSViTEmbeddings(nn.Module):
         """The gate's split logits `(B, Nc)`, from what it reads (`config.gate_input`; a rule reads the
         full-resolution regions)."""
         config = self.config
-        needs_full = config.gate_type != "learned" or config.gate_input == "pixels" or config.gate_residual_rule
-        full_regions = patchify(pixel_values, config.coarse_patch_size) if needs_full else None
+        needs_full = config.gate_type != "learned" or config.gate_input in ("pixels", "neighbourhood")
+        full_regions = (
+            patchify(pixel_values, config.coarse_patch_size) if needs_full or config.gate_residual_rule else None
+        )
         if config.gate_type != "learned" or config.gate_input == "pixels":
             inputs = full_regions
+        elif config.gate_input == "neighbourhood":
+            inputs = torch.cat([full_regions, region_neighbourhoods(pixel_values, self.patch_size, self.ratio)], -1)
         elif config.gate_input == "coarse_embedding":
             inputs = (self.coarse_patch_embeddings or self.patch_embeddings)(coarse_patches)
         else:

@@ -10,6 +10,7 @@ from modeling_msvit.mixed_scale_tokens import (
     group_fine_grid,
     patchify,
     pool_fine_grid,
+    region_neighbourhoods,
     token_counts,
     topk_split_mask,
 )
@@ -21,6 +22,24 @@ def test_patchify_matches_strided_convolution():
     expected = conv(pixels).flatten(2).transpose(1, 2)
     actual = F.linear(patchify(pixels, 4), conv.weight.flatten(1), conv.bias)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_region_neighbourhoods_by_hand():
+    # one channel, r = 2, p = 1: a 4x6 image is a 2x3 grid of coarse regions, each downscaled to one value
+    pixels = torch.arange(24.0).reshape(1, 1, 4, 6)
+    regions = F.avg_pool2d(pixels, 2)[0, 0]  # [[3.5, 5.5, 7.5], [15.5, 17.5, 19.5]]
+    neighbourhoods = region_neighbourhoods(pixels, patch_size=1, ratio=2)
+    assert neighbourhoods.shape == (1, 6, 9)
+    # region (0, 0): its 3x3 neighbourhood in raster order, 0 outside the image
+    torch.testing.assert_close(
+        neighbourhoods[0, 0], torch.tensor([0, 0, 0, 0, regions[0, 0], regions[0, 1], 0, regions[1, 0], regions[1, 1]])
+    )
+    # region (1, 1), the centre of the bottom row: the whole top row, itself and its two neighbours
+    torch.testing.assert_close(neighbourhoods[0, 4], torch.cat([regions.flatten(), torch.zeros(3)]))
+    # each neighbourhood's centre is the region itself, downscaled as the coarse candidates are
+    pixels = torch.randn(2, 3, 16, 24)
+    centre = region_neighbourhoods(pixels, patch_size=4, ratio=2).view(2, 6, 3, 12, 12)[..., 4:8, 4:8]
+    torch.testing.assert_close(centre.flatten(2), candidate_patches(pixels, 4, 2)[:, :6])
 
 
 def test_fine_candidates_are_grouped_by_parent():

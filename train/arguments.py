@@ -66,6 +66,19 @@ class MSViTArguments:
         default=None,
         metadata={"help": "MSViT: the learned gate, or a training-free rule on the region's pixels (entropy, std)."},
     )
+    gate_residual_rule: Literal["std", "entropy"] | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT learned gate: start as this training-free rule and learn a correction (residual gate)."
+        },
+    )
+    gate_input: Literal["downscaled_pixels", "pixels", "neighbourhood", "coarse_embedding"] | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT learned gate: what it reads of each region (pixels: at full resolution; neighbourhood: "
+            "also the 3 x 3 regions around it, downscaled)."
+        },
+    )
     gate_objective: Literal["counterfactual", "straight_through"] | None = field(
         default=None,
         metadata={
@@ -75,6 +88,13 @@ class MSViTArguments:
     )
     counterfactual_flips: int | None = field(
         default=None, metadata={"help": "MSViT counterfactual objective: regions flipped per image."}
+    )
+    counterfactual_target: Literal["task_loss", "all_fine_kl"] | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT counterfactual objective: the flips' loss drop measured on the task loss, or label-free "
+            "as the KL divergence from the all-fine prediction."
+        },
     )
     counterfactual_target_scale: float | None = field(
         default=None, metadata={"help": "MSViT counterfactual objective: logit = scale x loss drop."}

@@ -33,8 +33,11 @@ from msvit.train.evaluation import is_msvit
 MSVIT_OVERRIDES = (
     "target_fine_ratio",
     "gate_type",
+    "gate_residual_rule",
+    "gate_input",
     "gate_objective",
     "counterfactual_flips",
+    "counterfactual_target",
     "counterfactual_target_scale",
     "counterfactual_layouts",
     "gate_loss_type",
