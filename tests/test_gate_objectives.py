@@ -265,6 +265,30 @@ def test_residual_gate_learns_a_correction_and_round_trips(tmp_path, pixel_value
     torch.testing.assert_close(outputs.split_logits, expected.split_logits, rtol=0, atol=0)
 
 
+def test_neighbourhood_input_reads_the_region_and_its_context():
+    model = MSViTForImageClassification(tiny_config(gate_input="neighbourhood", gate_residual_rule="std")).eval()
+    # 3 channels: the 8x8 region at full resolution, then 3x3 neighbours downscaled to 4x4
+    assert MSViTGate.layer_sizes(model.config)[0] == 3 * 8 * 8 + 9 * 3 * 4 * 4
+    gate = model.msvit.embeddings.gate
+    with torch.no_grad():
+        gate.layers[-1].weight.normal_()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model.msvit.embeddings.predict_split_logits(pixel_values)
+        changed = pixel_values.clone()
+        changed[:, :, 24:, 24:] += 1.0  # the bottom-right region only
+        moved = model.msvit.embeddings.predict_split_logits(changed) != logits
+    # the region itself and its three neighbours (in a 4x4 grid) see the change, no other region
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[2:, 2:] = True
+    assert torch.equal(moved, expected.flatten().expand(2, -1))
+    counts = torch.tensor([17, 65])
+    mlp = mlp_macs(MSViTGate.layer_sizes(model.config))
+    plain = MSViTForImageClassification(tiny_config(gate_type="std"))
+    # MLP + one pass of the rule over each region, instead of the rule alone
+    assert (model.compute_macs(counts) - plain.compute_macs(counts)).tolist() == [16 * mlp] * 2
+
+
 def test_residual_rule_is_validated_and_absent_from_old_configs():
     with pytest.raises(ValueError, match="`gate_residual_rule` must be None or one of"):
         tiny_config(gate_residual_rule="variance")

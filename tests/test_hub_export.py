@@ -34,7 +34,8 @@ with torch.no_grad():
     logits = model(pixel_values).logits[0]
 classifier = pipeline("image-classification", model=folder, trust_remote_code=True, top_k=None)
 scores = {row["label"]: row["score"] for row in classifier(image)}
-settings = {name: getattr(model.config, name) for name in ("size_aware_attention", "gate_type", "gate_objective")}
+names = ("size_aware_attention", "gate_type", "gate_objective", "gate_residual_rule", "gate_input")
+settings = {name: getattr(model.config, name) for name in names}
 torch.save({"logits": logits, "pixel_values": pixel_values, "scores": scores, "settings": settings}, out)
 """
 
@@ -119,11 +120,20 @@ def test_plain_save_pretrained_already_loads_with_remote_code(tmp_path, model, p
     check_remote_matches(model, folder, photo, tmp_path)
 
 
-@pytest.mark.parametrize("settings", [dict(size_aware_attention=False), dict(gate_type="entropy")])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(size_aware_attention=False),
+        dict(gate_type="entropy"),
+        dict(gate_residual_rule="std", gate_input="neighbourhood"),
+    ],
+)
 def test_remote_code_keeps_attention_and_gate_settings(tmp_path, photo, settings):
     labels = {i: f"class-{i}" for i in range(5)}
     config = tiny_config(id2label=labels, label2id={name: i for i, name in labels.items()}, **settings)
     model = MSViTForImageClassification(config).eval()
+    if config.gate_residual_rule:  # a trained correction, so that the remote gate must load it to match
+        torch.nn.init.normal_(model.msvit.embeddings.gate.layers[-1].weight)
     model.set_budget(fine_ratio=0.5)
     check_remote_matches(model, export_hub_folder(model, tmp_path / "hub"), photo, tmp_path)
 
