@@ -35,12 +35,19 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
 from modeling_msvit import MSViTForImageClassification
-from msvit.experiments.gate_study import GateStudyArguments, gate_path, group_rows, run_study, summary_table
+from msvit.experiments.gate_study import (
+    GateStudyArguments,
+    best_training_free_rule,
+    gate_path,
+    group_rows,
+    run_study,
+    summary_table,
+)
 from msvit.tools.readme import replace_section
 from msvit.train.data import load_classification_splits
 from msvit.train.evaluation import interleaved_images_per_second, processed_pixel_values
 from msvit.train.gate_training import evaluate_split_policy
-from msvit.train.msvit_recipe import GATE_RECIPES, budget_args, gate_training_args
+from msvit.train.msvit_recipe import GATE_RECIPES, budget_args, gate_training_args, residual_gate_recipe
 from msvit.train.reporting import gate_maps
 from msvit.train.run_classification import ClassificationArguments, train_classifier
 from msvit.train.training_loop import latest_checkpoint
@@ -65,6 +72,7 @@ class Study:
     title: str
     background_contrast: float = 1.0
     ablations: bool = False
+    residual_ablations: bool = False
 
     def figures(self, name: str) -> tuple[str, str]:
         suffix = "" if name == "shared" else f"-{name}"
@@ -80,7 +88,7 @@ STUDIES = {
             TEXTURED_DATASET,
             f"Textured bench, background contrast {contrast}, on its own ViT/8",
             contrast,
-            ablations=contrast == 1.0,
+            residual_ablations=contrast == 1.0,
         )
         for bench, contrast in TEXTURED_BENCHES.items()
     },
@@ -222,6 +230,7 @@ def study_args(name: str, args: EvidenceArguments) -> GateStudyArguments:
         max_eval_samples=args.max_eval_samples,
         finetune_epochs=args.finetune_epochs,
         ablations=study.ablations,
+        residual_ablations=study.residual_ablations,
         timing_images=args.timing_images,
         timing_repeats=args.timing_repeats,
     )
@@ -404,7 +413,7 @@ def readme_section(args: EvidenceArguments, tables: str) -> str:
         "Test set: 10,000 canvases with seeded placements. Throughput: inference, batch 128, median of "
         f"{args.timing_repeats} interleaved repetitions, relative to the ViT/8."
     )
-    gates = "entropy, straight-through, counterfactual"
+    gates = "the best training-free rule, straight-through, counterfactual, residual"
     plots = []
     for name, study in STUDIES.items():
         accuracy, maps = study.figures(name)
@@ -443,9 +452,9 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-COLOURS = {"counterfactual": "tab:orange", "straight_through": "tab:purple", "entropy": "tab:green",
-           "random": "tab:blue", "centre": "tab:cyan", "all_fine": "black", "all_coarse": "tab:gray",
-           "content": "tab:olive"}  # fmt: skip
+COLOURS = {"residual": "tab:red", "counterfactual": "tab:orange", "straight_through": "tab:purple",
+           "entropy": "tab:green", "std": "tab:brown", "random": "tab:blue", "centre": "tab:cyan",
+           "all_fine": "black", "all_coarse": "tab:gray", "content": "tab:olive"}  # fmt: skip
 
 
 def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
@@ -492,8 +501,9 @@ def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
 
 
 def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images: int = 6) -> None:
-    """Gate maps at fine ratio 0.5 on a study's frozen ViT/8, one row per gate: entropy, straight-through and
-    counterfactual (seed of the first run), on the same first test images of its bench."""
+    """Gate maps at fine ratio 0.5 on a study's frozen ViT/8, one row per gate: the best training-free rule,
+    straight-through, counterfactual and residual (seed of the first run; a gate not trained yet is left out), on the
+    same first test images of its bench."""
     out = Path(args.output_dir)
     bench = STUDIES[study]
     backbone = out / bench.backbone / "model"
@@ -503,13 +513,16 @@ def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images:
     )["test"]
     images = [test[i]["image"] for i in range(num_images)]
     seed = args.seeds[0]
+    results = study_results(out, study)
+    rule = best_training_free_rule(results["rows"], json.loads((out / study / "arguments.json").read_text())["ratios"])
     gates = {
-        "entropy": ({"gate_type": "entropy"}, None),
+        rule: ({"gate_type": rule}, None),
         "straight_through": (
             GATE_RECIPES["straight_through"],
             gate_path(out / study, "straight_through", [0.5], seed),
         ),
         "counterfactual": (GATE_RECIPES["counterfactual"], gate_path(out / study, "counterfactual", None, seed)),
+        "residual": (residual_gate_recipe(rule), gate_path(out / study, "residual", None, seed)),
     }
     rows = []
     for overrides, weights in gates.values():

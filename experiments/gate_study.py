@@ -47,7 +47,12 @@ from msvit.train.gate_training import (
     split_tensors,
     train_on_tensors,
 )
-from msvit.train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES, predicted_drop_threshold
+from msvit.train.msvit_recipe import (
+    GATE_LEARNING_RATES,
+    GATE_RECIPES,
+    predicted_drop_threshold,
+    residual_gate_recipe,
+)
 
 
 # kind -> (objective, config overrides), frozen, at fine ratio 0.5
@@ -58,6 +63,15 @@ ABLATIONS = {
     "counterfactual (layouts=gate)": ("counterfactual", dict(counterfactual_layouts="gate")),
     "straight_through (gBaS)": ("straight_through", dict(gate_loss_type="gbas")),
     "straight_through (BaS)": ("straight_through", dict(gate_loss_type="bas")),
+}
+# kind -> changes to the residual gate's recipe, frozen, first seed, every budget: each design choice taken back
+RESIDUAL_ABLATIONS = {
+    "residual (no rule)": dict(gate_residual_rule=None),
+    "residual (other rule)": {},  # the rule that lost on validation
+    "residual (flips=1)": dict(counterfactual_flips=1),
+    "residual (downscaled input)": dict(gate_input="downscaled_pixels"),
+    "residual (neighbourhood input)": dict(gate_input="neighbourhood"),
+    "residual (label-free target)": dict(counterfactual_target="all_fine_kl"),
 }
 FIXED_POLICIES = ("all_fine", "all_coarse")
 KIND_NAMES = {
@@ -104,9 +118,25 @@ class GateStudyArguments:
     finetune_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of every fine-tuning."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the validation split and the training subsets."})
     finetune: bool = field(default=True, metadata={"help": "Also run the fine-tuned rows."})
-    ablations: bool = field(default=True, metadata={"help": "Also run the ablations."})
+    ablations: bool = field(default=True, metadata={"help": "Also run the ablations (at fine ratio 0.5)."})
+    residual_ablations: bool = field(
+        default=False, metadata={"help": "Also run the residual gate's ablations (first seed, every budget)."}
+    )
     timing_images: int = field(default=1024, metadata={"help": "Test images of the throughput comparison."})
     timing_repeats: int = field(default=5, metadata={"help": "Interleaved timing repetitions (median)."})
+
+
+def best_training_free_rule(rows: dict[str, dict], ratios: list[float]) -> str:
+    """The training-free rule with the best mean validation top-1 over the budgets on the frozen backbone (a study's
+    rows, of the rules measured at every budget): the residual gate's starting point."""
+    accuracy = {}
+    for rule in RULES:
+        measured = [rows.get(row_name(rule, "frozen", ratio_budget(ratio))) for ratio in ratios]
+        if None not in measured:
+            accuracy[rule] = statistics.mean(row["validation"]["accuracy"] for row in measured)
+    if not accuracy:
+        raise ValueError(f"No training-free rule ({', '.join(RULES)}) has frozen rows at every budget {ratios}.")
+    return max(accuracy, key=accuracy.get)
 
 
 def gate_path(output_dir: Path, kind: str, ratios: list[float] | None, seed: int) -> Path:
@@ -178,7 +208,7 @@ class GateStudy:
         self.save()
         test = measured["test"]
         rates = "/".join(f"{test[key]:.2f}" for key in SPLIT_RATES if key in test)
-        groups = "/".join(name for key, name in SPLIT_RATES.items() if key in test)
+        groups = "/".join(group for key, group in SPLIT_RATES.items() if key in test)
         print(f"{name}: test {100 * test['accuracy']:.2f} %, {groups} split {rates}, {test['gmacs']:.4f} GMACs")
 
     def trained_gate(
@@ -213,6 +243,8 @@ class GateStudy:
         if args.ablations:
             for seed in args.seeds:
                 self.ablation_rows(seed)
+        if args.residual_ablations:
+            self.residual_ablation_rows(args.seeds[0])
         self.measure_throughput()
         if args.finetune:
             for seed in args.seeds:
@@ -246,6 +278,7 @@ class GateStudy:
         counterfactual = self.gate_rows("counterfactual", seed)
         if counterfactual is not None:
             self.threshold_rows(counterfactual, "counterfactual", tuning, seed)
+        self.gate_rows("residual", seed, **residual_gate_recipe(self.best_rule()))
         for ratio in args.ratios:
             self.gate_rows("straight_through", seed, ratios=[ratio], target_fine_ratio=ratio)
         self.matched_entropy_rows(tuning, seed)
@@ -310,6 +343,16 @@ class GateStudy:
                 threshold_nats=nats,
             )  # fmt: skip
 
+    def best_rule(self) -> str:
+        return best_training_free_rule(self.rows, self.args.ratios)
+
+    def residual_ablation_rows(self, seed: int) -> None:
+        rule = self.best_rule()
+        for kind, changes in RESIDUAL_ABLATIONS.items():
+            if not changes:
+                changes = {"gate_residual_rule": next(other for other in RULES if other != rule)}
+            self.gate_rows("residual", seed, kind=kind, **{**residual_gate_recipe(rule), **changes})
+
     def ablation_rows(self, seed: int) -> None:
         for kind, (objective, overrides) in ABLATIONS.items():
             overrides = dict(overrides)
@@ -338,6 +381,7 @@ class GateStudy:
                     name, model, policy=policy, value=ratio, kind=kind, tuning=tuning, budget="ratio", seed=seed
                 )
         self.finetuned_gate("counterfactual", seed, args.ratios)
+        self.finetuned_gate("residual", seed, args.ratios, **residual_gate_recipe(self.best_rule()))
         for ratio in args.ratios:
             self.finetuned_gate("straight_through", seed, [ratio], target_fine_ratio=ratio)
 
@@ -348,6 +392,8 @@ class GateStudy:
         if not self.missing([*names.values(), *thresholds]):
             return
         gate = self.trained_gate(objective, objective, seed, self.trained_ratios(objective, ratios), **overrides)
+        # one flip per image while the backbone trains: every gate's fine-tuning then costs the same
+        gate.config.counterfactual_flips = 1
         model = self.finetuned(gate, seed, f"fine-tune {objective}")
         for ratio, name in names.items():
             self.record(name, model, value=ratio, kind=objective, tuning=tuning, budget="ratio", seed=seed)

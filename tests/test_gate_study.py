@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTForImageClassification
@@ -108,7 +109,10 @@ def test_gate_study_runs_resumes_and_writes_its_table(tmp_path):
                  "--max_eval_samples", "32", "--timing_images", "32", "--timing_repeats", "1"]  # fmt: skip
     rows = main(arguments)
     kinds = {(row["kind"], row["tuning"], row["budget"]) for row in rows.values()}
-    frozen = {"all_fine", "all_coarse", "content", "random", "centre", "entropy", "counterfactual", "straight_through"}
+    frozen = {
+        "all_fine", "all_coarse", "content", "random", "centre", "entropy", "std", "counterfactual", "residual",
+        "straight_through",
+    }  # fmt: skip
     ablations = {
         "counterfactual (size-aware attention off)", "counterfactual (flips=4)", "counterfactual (target_scale=10)",
         "counterfactual (layouts=gate)", "straight_through (gBaS)", "straight_through (BaS)",
@@ -155,6 +159,38 @@ def test_gate_study_on_the_cluttered_bench_reports_clutter(tmp_path):
     assert 0.0 < rows["all_fine|frozen|-"]["test"]["split_rate_clutter"] == 1.0
     assert not any(row["tuning"] == "fine-tuned" for row in rows.values())
     assert "/ other content /" in (tmp_path / "study" / "table.md").read_text()
+
+
+@needs_data
+def test_gate_study_on_the_textured_bench_starts_the_residual_gate_from_the_best_rule(tmp_path):
+    from msvit.experiments.gate_study import RESIDUAL_ABLATIONS, best_training_free_rule, main
+
+    torch.set_num_threads(1)
+    rows = main([
+        "--backbone", str(tiny_backbone(tmp_path)), "--output_dir", str(tmp_path / "study"), "--seeds", "0",
+        "--ratios", "0.25", "0.5", "--dataset", "textured_translated_fashion_mnist", "--background_contrast", "0.6",
+        "--max_train_samples", "32", "--gate_train_samples", "32", "--max_eval_samples", "32", "--timing_images",
+        "32", "--timing_repeats", "1", "--no_finetune", "--no_ablations", "--residual_ablations",
+    ])  # fmt: skip
+    # no region of a textured canvas is empty: the background is the other content
+    assert all("split_rate_empty" not in row["test"] for row in rows.values())
+    assert rows["all_fine|frozen|-"]["test"]["split_rate_clutter"] == 1.0
+    assert "split rate: item / other content |" in (tmp_path / "study" / "table.md").read_text()
+    kinds = {row["kind"] for row in rows.values()}
+    assert set(RESIDUAL_ABLATIONS) <= kinds and "residual" in kinds
+    # the residual gate starts from the rule that won on validation; its ablation from the other one
+    rule = best_training_free_rule(rows, [0.25, 0.5])
+    accuracy = {
+        name: sum(rows[f"{name}|frozen|ratio={ratio}"]["validation"]["accuracy"] for ratio in (0.25, 0.5))
+        for name in ("entropy", "std")
+    }
+    assert accuracy[rule] == max(accuracy.values())
+    gates = tmp_path / "study" / "gates"
+    assert "rule_scale" in load_file(gates / "residual-seed=0.safetensors")
+    assert "rule_scale" not in load_file(gates / "residual_(no_rule)-seed=0.safetensors")
+    assert "layers.0.weight" in load_file(gates / "residual_(other_rule)-seed=0.safetensors")
+    with pytest.raises(ValueError, match="No training-free rule"):
+        best_training_free_rule(rows, [0.75])
 
 
 def tiny_backbone(tmp_path):

@@ -19,11 +19,16 @@ the ones with the highest gate logits.
 import math
 
 
-# How a learned gate trains under each objective, as MSViT config fields: counterfactual region flips on the gathered
-# path, or the paper's straight-through estimator on the masked path with the masked softmax and the weighted budget
-# loss. `gate_study.py` and the demo build models from these; the scripts get them as arguments (`gate_training_args`).
+# How a learned gate trains, as MSViT config fields: counterfactual region flips on the gathered path; the residual
+# gate, the same objective on a gate that starts as a training-free rule (`gate_residual_rule`, chosen per backbone:
+# `residual_gate_recipe`), reads the full-resolution region and measures 8 flips per image from one shared layout pass
+# (a lower-variance target); or the paper's straight-through estimator on the masked path with the masked softmax and
+# the weighted budget loss. `gate_study.py` and the demo build models from these; the scripts get them as arguments
+# (`gate_training_args`).
+COUNTERFACTUAL = dict(gate_objective="counterfactual", train_token_path="gathered")
 GATE_RECIPES = {
-    "counterfactual": dict(gate_objective="counterfactual", train_token_path="gathered"),
+    "counterfactual": COUNTERFACTUAL,
+    "residual": dict(COUNTERFACTUAL, gate_input="pixels", counterfactual_flips=8),
     "straight_through": dict(
         gate_objective="straight_through",
         gate_loss_type="ratio",
@@ -32,8 +37,13 @@ GATE_RECIPES = {
         masked_path_attention="masked_softmax",
     ),
 }
-GATE_LEARNING_RATES = {"counterfactual": 1e-2, "straight_through": 1e-3}
+GATE_LEARNING_RATES = {"counterfactual": 1e-2, "residual": 1e-2, "straight_through": 1e-3}
 LEARNING_RATES = {"adapt": 2e-4, "joint": 2e-4}
+
+
+def residual_gate_recipe(rule: str) -> dict:
+    """The residual gate's config fields on a backbone whose best training-free rule (on validation) is `rule`."""
+    return dict(GATE_RECIPES["residual"], gate_residual_rule=rule)
 
 
 def predicted_drop_threshold(config, drop: float) -> float:
