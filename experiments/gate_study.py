@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, HfArgumentParser, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
+from modeling_msvit.configuration_msvit import GATE_RULES
 from msvit.train.data import TRANSLATED_DATASETS, load_classification_splits
 from msvit.train.evaluation import interleaved_images_per_second
 from msvit.train.gate_training import (
@@ -83,7 +84,7 @@ RANKED_POLICIES = ("random", "centre")
 # split rates: the item's regions, other content (clutter, or a textured background) and empty regions
 SPLIT_RATES = {"split_rate_content": "item", "split_rate_clutter": "other content", "split_rate_empty": "empty"}
 # the training-free rules (APT's entropy, and the pixel standard deviation): the baseline every learned gate must beat
-RULES = ("entropy", "std")
+RULES = GATE_RULES
 
 
 @dataclass
