@@ -210,3 +210,40 @@ def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(
         assert (tmp_path / plot).is_file()
     with pytest.raises(ValueError, match="Unknown steps"):
         evidence([*tiny, "--only", "vit-p4"])
+    # a textured bench's backbone is the clean bench's, fine-tuned on it
+    evidence([*tiny, "--only", "vit-p8-textured-0.6", "--textured_epochs", "1"])
+    textured = json.loads((tmp_path / "vit-p8-textured-0.6" / "results.json").read_text())
+    assert textured["dataset"] == "textured_translated_fashion_mnist" and textured["stage"] == "backbone"
+    assert "#### Backbones of the textured-0.6 bench" in (tmp_path / "table.md").read_text()
+
+
+def test_evidence_textured_benches_have_their_own_backbones_and_precondition(tmp_path, capsys):
+    from msvit.experiments.evidence import (
+        STEPS,
+        STUDIES,
+        TEXTURED_BENCHES,
+        EvidenceArguments,
+        check_precondition,
+        from_scratch_runs,
+    )
+
+    args = EvidenceArguments(output_dir=str(tmp_path), textured_epochs=3)
+    runs = from_scratch_runs(args)
+    for bench, contrast in TEXTURED_BENCHES.items():
+        study = STUDIES[bench]
+        assert study.background_contrast == contrast and study.backbone == f"vit-p8-{bench}"
+        for backbone in ("vit-p8", "vit-p16", "vit-p8-32px"):
+            run = runs[f"{backbone}-{bench}"]
+            assert run["model_name_or_path"] == str(tmp_path / backbone / "model")
+            assert run["background_contrast"] == contrast and run["num_train_epochs"] == 3
+            # every step runs after the backbones it starts from, and a study after its backbones
+            assert STEPS.index(backbone) < STEPS.index(f"{backbone}-{bench}") < STEPS.index(bench)
+    assert not check_precondition(args, "textured")  # its runs are missing
+    for name, accuracy in (("vit-p8", 0.5), ("vit-p16", 0.45), ("vit-p8-32px", 0.52)):
+        (tmp_path / f"{name}-textured").mkdir()
+        (tmp_path / f"{name}-textured" / "results.json").write_text(json.dumps({"test": {"accuracy": accuracy}}))
+    assert not check_precondition(args, "textured")  # the ViT/8 on the 32 px canvas leads: fine tokens do not pay
+    saved = json.loads((tmp_path / "precondition-textured.json").read_text())
+    assert saved == {"test_accuracy": {"vit-p8": 0.5, "vit-p16": 0.45, "vit-p8-32px": 0.52}, "holds": False}
+    assert "== precondition (textured bench) (test top-1)" in capsys.readouterr().out
+    assert not (tmp_path / "precondition.json").exists()
