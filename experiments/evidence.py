@@ -73,6 +73,7 @@ class Study:
     background_contrast: float = 1.0
     ablations: bool = False
     residual_ablations: bool = False
+    ratios: tuple[float, ...] = (0.25, 0.4, 0.5, 0.75)
 
     def figures(self, name: str) -> tuple[str, str]:
         suffix = "" if name == "shared" else f"-{name}"
@@ -89,6 +90,7 @@ STUDIES = {
             f"Textured bench, background contrast {contrast}, on its own ViT/8",
             contrast,
             residual_ablations=contrast == 1.0,
+            ratios=(0.25, 0.4, 0.5),  # the budgets where detail must be chosen
         )
         for bench, contrast in TEXTURED_BENCHES.items()
     },
@@ -231,6 +233,7 @@ def study_args(name: str, args: EvidenceArguments) -> GateStudyArguments:
         finetune_epochs=args.finetune_epochs,
         ablations=study.ablations,
         residual_ablations=study.residual_ablations,
+        ratios=list(study.ratios),
         timing_images=args.timing_images,
         timing_repeats=args.timing_repeats,
     )
