@@ -72,6 +72,15 @@ def record_flips(monkeypatch) -> list[torch.Tensor]:
     return recorded
 
 
+def training_forward(monkeypatch, model, pixel_values, labels):
+    """One training forward with labels, and the regions it flipped `(B, K)`; the model is left in eval mode."""
+    recorded = record_flips(monkeypatch)
+    outputs = model(pixel_values, labels=labels)
+    (flips,) = recorded
+    model.eval()
+    return outputs, flips
+
+
 @pytest.mark.parametrize("token_path", ["masked", "gathered"])
 @pytest.mark.parametrize("num_flips", [1, 3])
 def test_gate_loss_regresses_the_measured_loss_drop_of_each_flip(monkeypatch, pixel_values, token_path, num_flips):
@@ -83,12 +92,8 @@ def test_gate_loss_regresses_the_measured_loss_drop_of_each_flip(monkeypatch, pi
     )
     model = MSViTForImageClassification(config).train()
     labels = torch.arange(8) % 5
-    flips = record_flips(monkeypatch)
-    outputs = model(pixel_values, labels=labels)
-    (flips,) = flips
+    outputs, flips = training_forward(monkeypatch, model, pixel_values, labels)
     assert flips.shape == (8, num_flips)
-
-    model.eval()
     with torch.no_grad():
 
         def losses(split_mask):
@@ -129,10 +134,7 @@ def test_segmentation_regresses_per_image_loss_drops(monkeypatch):
     ).train()
     pixel_values, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
     labels[0, :8] = 255
-    flips = record_flips(monkeypatch)
-    outputs = model(pixel_values, labels=labels)
-    (flips,) = flips
-    model.eval()
+    outputs, flips = training_forward(monkeypatch, model, pixel_values, labels)
     with torch.no_grad():
 
         def losses(split_mask):
@@ -307,10 +309,7 @@ def test_label_free_target_regresses_the_drop_of_divergence_from_all_fine(monkey
         model = MSViTForSemanticSegmentation(tiny_config(num_labels=4, **config)).train()
         labels = torch.randint(0, 4, (4, 32, 32))
     pixel_values = torch.randn(4, 3, 32, 32)
-    flips = record_flips(monkeypatch)
-    outputs = model(pixel_values, labels=labels)
-    (flips,) = flips
-    model.eval()
+    outputs, flips = training_forward(monkeypatch, model, pixel_values, labels)
     with torch.no_grad():
 
         def divergences(split_mask):
