@@ -414,12 +414,12 @@ def readme_section(args: EvidenceArguments, tables: str) -> str:
         f"bench's own ViT/8), seeds {seeds}: gates trained for one epoch on {args.gate_train_samples:,} images; "
         f"fine-tuning {args.finetune_epochs} epoch(s) at 2e-4 on every training image, the same for every row. "
         "Test set: 10,000 canvases with seeded placements. Throughput: inference, batch 128, median of "
-        f"{args.timing_repeats} interleaved repetitions, relative to the ViT/8. Textured benches (Textured Translated "
-        "Fashion-MNIST, the MNIST-back-image protocol: grey crops of photos shipped in scikit-image behind the item, "
-        "test photos never seen in training, backgrounds spanning [0, contrast] of the pixel range): each of the three "
-        f"clean-bench ViTs fine-tuned {args.textured_epochs} epochs at 5e-4, its own precondition checked; budgets "
-        "0.25, 0.4, 0.5; the residual gate's ablations (one seed) on the full-contrast bench. The residual gate starts "
-        "from the training-free rule with the best validation top-1 on its frozen backbone."
+        f"{args.timing_repeats} interleaved repetitions, relative to the ViT/8. Textured benches (Textured "
+        "Translated Fashion-MNIST, the MNIST-back-image protocol: grey crops of photos shipped in scikit-image behind "
+        "the item, test photos never seen in training, backgrounds spanning [0, contrast] of the pixel range): each "
+        f"of the three clean-bench ViTs fine-tuned {args.textured_epochs} epochs at 5e-4, its own precondition "
+        "checked; budgets 0.25, 0.4, 0.5; the residual gate's ablations (one seed) on the full-contrast bench. The "
+        "residual gate starts from the training-free rule with the best validation top-1 on its frozen backbone."
     )
     gates = "the best training-free rule, straight-through, counterfactual, residual"
     plots = []
