@@ -65,10 +65,11 @@ ABLATIONS = {
     "straight_through (gBaS)": ("straight_through", dict(gate_loss_type="gbas")),
     "straight_through (BaS)": ("straight_through", dict(gate_loss_type="bas")),
 }
-# kind -> changes to the residual gate's recipe, frozen, first seed, every budget: each design choice taken back
+# kind -> changes to the residual gate's recipe (None: start from the other rule), frozen, first seed, every budget:
+# each design choice taken back
 RESIDUAL_ABLATIONS = {
     "residual (no rule)": dict(gate_residual_rule=None),
-    "residual (other rule)": {},  # the rule that lost on validation
+    "residual (other rule)": None,  # the rule that lost on validation, known once the rules are measured
     "residual (flips=1)": dict(counterfactual_flips=1),
     "residual (downscaled input)": dict(gate_input="downscaled_pixels"),
     "residual (neighbourhood input)": dict(gate_input="neighbourhood"),
@@ -350,7 +351,7 @@ class GateStudy:
     def residual_ablation_rows(self, seed: int) -> None:
         rule = self.best_rule()
         for kind, changes in RESIDUAL_ABLATIONS.items():
-            if not changes:
+            if changes is None:
                 changes = {"gate_residual_rule": next(other for other in RULES if other != rule)}
             self.gate_rows("residual", seed, kind=kind, **{**residual_gate_recipe(rule), **changes})
 

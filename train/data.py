@@ -333,6 +333,24 @@ def translate_to_canvas(
     )
 
 
+def _decoded_canvases(dataset: datasets.Dataset) -> np.ndarray:
+    """The `image` column of a data set of equal-sized images as one uint8 array `(N, H, W[, 3])`."""
+    stored = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    stored = stored.with_format("arrow")[:]["image"].combine_chunks()
+    return np.stack([_decode_image(data, None) for data in stored.field("bytes").to_pylist()])
+
+
+def _with_new_images(dataset: datasets.Dataset, records: np.ndarray, transform: tuple) -> datasets.Dataset:
+    """`dataset` with its `image` column replaced by the `_pnm_records` buffer `records`, every other column kept;
+    fingerprinted from the source's fingerprint and `transform` (the function's name and arguments)."""
+    rest = dataset.remove_columns(["image"])
+    rest_table = rest.with_format("arrow")[:]
+    columns = {"image": _image_column(records), **{name: rest_table.column(name) for name in rest_table.column_names}}
+    features = datasets.Features({"image": datasets.Image(), **rest.features})
+    name, *arguments = transform
+    return _in_memory_dataset(columns, features, dataset.split, (name, dataset._fingerprint, *arguments))
+
+
 def add_clutter(
     dataset: datasets.Dataset,
     seed: int,
@@ -352,9 +370,7 @@ def add_clutter(
     num = len(dataset)
     if num < 2:
         raise ValueError(f"Clutter is cut from other canvases: need at least 2 images, got {num}.")
-    stored = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    stored = stored.with_format("arrow")[:]["image"].combine_chunks()
-    canvases = np.stack([_decode_image(data, None) for data in stored.field("bytes").to_pylist()])
+    canvases = _decoded_canvases(dataset)
     if canvases.ndim != 3:
         raise ValueError(f"add_clutter expects grayscale canvases, got arrays of shape {canvases.shape[1:]}.")
     positions = dataset.with_format("numpy").select_columns(["top", "left"])[:]
@@ -376,13 +392,7 @@ def add_clutter(
         to_cols = destinations[:, fragment, 1, None, None] + offsets
         window = cluttered[images, to_rows, to_cols]
         cluttered[images, to_rows, to_cols] = np.maximum(window, canvases[source, rows, cols])
-    rest = dataset.remove_columns(["image"])
-    rest_table = rest.with_format("arrow")[:]
-    columns = {"image": _image_column(records), **{name: rest_table.column(name) for name in rest_table.column_names}}
-    features = datasets.Features({"image": datasets.Image(), **rest.features})
-    return _in_memory_dataset(
-        columns, features, dataset.split, ("add_clutter", dataset._fingerprint, seed, num_fragments, fragment_size)
-    )
+    return _with_new_images(dataset, records, ("add_clutter", seed, num_fragments, fragment_size))
 
 
 def background_photos(names: Sequence[str]) -> list[np.ndarray]:
@@ -429,9 +439,7 @@ def add_texture_background(
         raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}.")
     if not photos:
         raise ValueError("add_texture_background needs at least one background photo.")
-    stored = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    stored = stored.with_format("arrow")[:]["image"].combine_chunks()
-    canvases = np.stack([_decode_image(data, None) for data in stored.field("bytes").to_pylist()])
+    canvases = _decoded_canvases(dataset)
     if canvases.ndim != 3 or canvases.shape[1] != canvases.shape[2]:
         raise ValueError(f"add_texture_background expects square grayscale canvases, got {canvases.shape[1:]}.")
     num, canvas_size = len(canvases), canvases.shape[1]
@@ -452,16 +460,9 @@ def add_texture_background(
         )
         background = np.rint(np.asarray(crop) * (255 * contrast)).clip(0, 255).astype(np.uint8)
         textured[index] = np.where(canvases[index] > 0, canvases[index], background)
-    rest = dataset.remove_columns(["image"])
-    rest_table = rest.with_format("arrow")[:]
-    columns = {"image": _image_column(records), **{name: rest_table.column(name) for name in rest_table.column_names}}
-    features = datasets.Features({"image": datasets.Image(), **rest.features})
     photo_hash = hashlib.sha256(b"".join(photo.tobytes() for photo in photos)).hexdigest()[:16]
-    return _in_memory_dataset(
-        columns,
-        features,
-        dataset.split,
-        ("add_texture_background", dataset._fingerprint, seed, photo_hash, contrast, tuple(crop_scale)),
+    return _with_new_images(
+        dataset, records, ("add_texture_background", seed, photo_hash, contrast, tuple(crop_scale))
     )
 
 
