@@ -21,7 +21,7 @@ Sections:
 * `compiled` (with `--compile`): the fixed-budget MSViT and the ViT/16 under `torch.compile(fullgraph=True)`.
 
 Outputs in `--output_dir`: `results.json` (every measurement and the machine), `table.md` and `speedup.png`;
-`--readme README.md` rewrites the README's performance section from them.
+`--docs docs/performance.md` rewrites that page's generated section from them.
 """
 
 import argparse
@@ -43,7 +43,7 @@ from modeling_msvit.macs_msvit import vit_macs_for_config
 from modeling_msvit.mixed_scale_tokens import token_counts
 from msvit.configuration import load_preset, preset_names
 
-from .report import check_targets, plot_speedups, update_readme, write_table
+from .report import check_targets, plot_speedups, update_docs, write_table
 
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="What to measure; `compiled` (torch.compile(fullgraph=True)) adds minutes of compiling on CPU.",
     )
     add("--output_dir", type=Path, default=Path("benchmarks/results/cpu"))
-    add("--readme", type=Path, help="Rewrite this README's performance section from the results.")
+    add("--docs", type=Path, help="Rewrite the generated section of this page (docs/performance.md).")
     add("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = write_table(results, args.output_dir / "table.md")
     if "inference" in results:
         plot_speedups(results, args.output_dir / "speedup.png")
-    if args.readme is not None:
-        update_readme(args.readme, table, args.output_dir)
+    if args.docs is not None:
+        update_docs(args.docs, table, args.output_dir)
     print(table)
     return results
 

@@ -42,11 +42,11 @@ from msvit.train.data import TRANSLATED_DATASETS, load_classification_splits
 from msvit.train.evaluation import interleaved_images_per_second
 from msvit.train.gate_training import (
     GateTrainingArguments,
-    content_regions,
     evaluate_split_policy,
     split_probabilities,
     split_tensors,
     train_on_tensors,
+    translated_item_regions,
 )
 from msvit.train.msvit_recipe import (
     GATE_LEARNING_RATES,
@@ -170,13 +170,7 @@ class GateStudy:
         )
         splits = load_classification_splits(args.dataset, background_contrast=args.background_contrast, **load)
         self.data = split_tensors(splits, processor, self.num_channels)
-        self.items = {split: None for split in self.data}
-        if args.dataset != "translated_fashion_mnist":
-            # the item's regions are those with content on the clean canvas: the same items at the same places
-            clean = load_classification_splits("translated_fashion_mnist", **load)
-            for split in ("validation", "test"):
-                pixels, _ = split_tensors({split: clean[split]}, processor, self.num_channels)[split]
-                self.items[split] = content_regions(pixels, args.coarse_patch_size)
+        self.items = translated_item_regions(args.dataset, processor, self.num_channels, args.coarse_patch_size, load)
         generator = torch.Generator().manual_seed(args.data_seed)
         subset = torch.randperm(len(self.data["train"][1]), generator=generator)[: args.gate_train_samples]
         self.gate_data = tuple(tensor[subset] for tensor in self.data["train"])

@@ -1,245 +1,623 @@
-"""The main job (`make demo`): a ViT, then MSViT's split policies on it frozen, then the same short fine-tuning for
-the full-token model and the best gate; accuracy, GMACs and throughput side by side. Translated Fashion-MNIST 64x64.
+"""The main job (`make demo`): how much faster a pretrained ViT runs as an MSViT on your images, and at what accuracy.
 
-    python -m msvit.experiments.pipeline  # the embedded default: under 10 minutes on 2 idle CPU cores
-    python -m msvit.experiments.pipeline --max_train_samples 55000 --backbone_epochs 20 --hidden_size 128
+    python -m msvit.experiments.pipeline  # the ViT/8 shipped in results/evidence: about 4 minutes on 2 CPU cores
+    python -m msvit.experiments.pipeline --model_name_or_path path/to/vit --dataset imagefolder:path/to/images
+    python -m msvit.experiments.pipeline --train_backbone  # a ViT/8 trained from scratch first (today's bench)
 
-1. `backbone`: a transformers `ViTForImageClassification` at the fine patch size, from scratch
-   (`train/run_classification.py --stage backbone`). A backbone trained beforehand is reused.
-2. On that backbone, frozen, converted with `from_vit` (size-aware attention on), at the same fine ratio (fixed
-   budget): all fine, all coarse, random regions, the training-free entropy and std gates, the paper's
-   straight-through gate, the counterfactual gate and the residual gate (the better rule on validation plus a learned
-   correction); the learned ones are trained here on the frozen backbone (`train/gate_training.py`).
-3. The same fine-tuning (`--finetune_epochs` at learning rate 2e-4) for the all-fine model and for the gated row with
-   the best validation accuracy, which is then exported as a Hub folder with its gate maps.
+1. The backbone: `--model_name_or_path`, a transformers ViT or non-distilled DeiT (a folder, or a Hub id when online)
+   or an MSViT folder; by default the evidence's ViT/8 (`results/evidence/vit-p8/model`, 84.15 % test top-1 on
+   Translated Fashion-MNIST 64x64). `--train_backbone` trains one on `--dataset` first (`train/run_classification.py
+   --stage backbone`): from scratch, or from `--model_name_or_path` with a new head. `--image_size` resizes the inputs
+   (and the ViT's position embeddings) to that size.
+2. On it, frozen and converted with `from_vit` (size-aware attention on), every split policy over a range of budgets:
+   all fine, all coarse, random regions, the training-free entropy and std rules, the paper's straight-through gate
+   (trained at the middle budget), the counterfactual gate and the residual gate (the better rule on validation plus
+   a learned correction); an MSViT backbone's own gate too. Fixed budgets `--fine_ratios` split exactly
+   `round(ratio * regions)` regions of every image; the counterfactual-objective gates also run at `--thresholds`
+   (split where the predicted loss drop exceeds that many nats: each image gets its own token count). Gates train on
+   `--gate_train_samples` training images.
+3. Throughput of every setting, measured side by side in this process (interleaved repetitions, median) against the
+   backbone itself.
+4. The export: the cheapest gated setting whose validation top-1 is at most `--max_accuracy_drop` points below all
+   fine, as a Hub folder (`msvit/hub`, its model card holds the measured curve) with its gate maps.
 
-`report.md` / `report.json`: every row's test top-1, measured GMACs per image, tokens, how often it splits regions
-that hold the item and empty ones, and inference images/s measured side by side in this process (interleaved
-repetitions, median) relative to the ViT.
+Writes `report.md`, `report.json`, `accuracy_vs_gmacs.png` and `gate_maps.png` (every gate at the exported budget) to
+`--output_dir`; with `--readme`, the README's demo summary.
 """
 
-import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, HfArgumentParser, ViTForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTForImageClassification
 
 from modeling_msvit import MSViTForImageClassification
-from modeling_msvit.configuration_msvit import GATE_RULES as RULES
-from modeling_msvit.macs_msvit import vit_macs_for_config
+from modeling_msvit.configuration_msvit import GATE_RULES
 from msvit.tools.export import export_hub_folder
-from msvit.train.data import load_classification_splits
+from msvit.tools.gate_map import stacked
+from msvit.tools.readme import replace_section
+from msvit.train.data import TRANSLATED_DATASETS, class_names, load_classification_splits
 from msvit.train.evaluation import interleaved_images_per_second
-from msvit.train.gate_training import GateTrainingArguments, evaluate_split_policy, split_tensors, train_on_tensors
-from msvit.train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES, residual_gate_recipe
+from msvit.train.gate_training import (
+    GateTrainingArguments,
+    evaluate_split_policy,
+    split_tensors,
+    train_on_tensors,
+    translated_item_regions,
+    with_new_gate,
+)
+from msvit.train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES, predicted_drop_threshold, residual_gate_recipe
 from msvit.train.reporting import gate_maps
 from msvit.train.run_classification import ClassificationArguments, train_classifier
 from msvit.train.split_policies import forced_split_mask
 
 
-DATASET = "translated_fashion_mnist"
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHIPPED_BACKBONE = REPOSITORY / "results" / "evidence" / "vit-p8" / "model"
+README_START = "<!-- demo:start (generated by python -m msvit.experiments.pipeline --readme README.md) -->"
+README_END = "<!-- demo:end -->"
+DOCS_START = "<!-- demo-report:start (generated by python -m msvit.experiments.pipeline --docs docs/evidence.md) -->"
+DOCS_END = "<!-- demo-report:end -->"
+# policies measured at every fixed budget: their forced masks, or the model's gate
+RANKED = {"random regions": "random"}
+# the learned gates: name -> objective (the residual gate's name gets its rule once the rules are measured)
+LEARNED = {"straight-through gate (paper)": "straight_through", "counterfactual gate": "counterfactual"}
+THRESHOLD_OBJECTIVES = ("counterfactual", "residual")  # gates whose logit predicts a loss drop in nats
 
 
 @dataclass
 class PipelineArguments:
     output_dir: str = field(default="outputs/pipeline", metadata={"help": "Where every stage and the report go."})
-    max_train_samples: int = field(default=16384, metadata={"help": "Training images (a fixed random subset)."})
-    max_eval_samples: int = field(default=2000, metadata={"help": "Validation and test images (fixed subsets)."})
-    patch_size: int = field(default=8, metadata={"help": "Fine patch size of the backbone."})
-    coarse_patch_size: int = field(default=16, metadata={"help": "MSViT coarse patch size."})
-    hidden_size: int = field(default=96, metadata={"help": "Backbone width."})
-    depth: int = field(default=4, metadata={"help": "Backbone depth."})
-    heads: int = field(default=3, metadata={"help": "Attention heads."})
-    fine_ratio: float = field(default=0.5, metadata={"help": "Fraction of regions split by every gated row."})
-    backbone_epochs: int = field(default=7, metadata={"help": "Epochs of backbone training."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A transformers ViT / non-distilled DeiT (folder or Hub id) or an MSViT folder. Default: the "
+            "evidence's ViT/8 shipped in results/evidence (or, with --train_backbone, a ViT trained from scratch)."
+        },
+    )
+    dataset: str = field(
+        default="translated_fashion_mnist",
+        metadata={
+            "help": "translated_fashion_mnist (and its cluttered_ / textured_ variants), fashion_mnist, "
+            "imagefolder:<dir> or a Hub id; validation is carved from train when missing, as in the training scripts."
+        },
+    )
+    background_contrast: float = field(
+        default=1.0, metadata={"help": "textured_translated_fashion_mnist: the backgrounds' contrast."}
+    )
+    validation_size: float = field(
+        default=5000, metadata={"help": "Validation images carved from train when missing (or that fraction)."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Model input size (images and position embeddings resized); default: the backbone's."
+        },  # fmt: skip
+    )
+    coarse_patch_size: int | None = field(default=None, metadata={"help": "Default: twice the backbone's patch."})
+    train_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train the backbone on --dataset first: from scratch, or from --model_name_or_path."},
+    )
+    patch_size: int = field(default=8, metadata={"help": "--train_backbone from scratch: fine patch size."})
+    hidden_size: int = field(default=96, metadata={"help": "--train_backbone from scratch: width."})
+    depth: int = field(default=4, metadata={"help": "--train_backbone from scratch: depth."})
+    heads: int = field(default=3, metadata={"help": "--train_backbone from scratch: attention heads."})
+    backbone_epochs: int = field(default=7, metadata={"help": "--train_backbone: epochs."})
+    max_train_samples: int | None = field(
+        default=16384, metadata={"help": "--train_backbone: training images (a fixed random subset)."}
+    )
+    gate_train_samples: int = field(default=4096, metadata={"help": "Training images of every gate."})
+    max_eval_samples: int | None = field(default=2000, metadata={"help": "Validation and test images (subsets)."})
+    fine_ratios: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": "Fixed budgets: fraction of regions split."}
+    )
+    thresholds: list[float] = field(
+        default_factory=lambda: [0.08, 0.2],
+        metadata={"help": "Counterfactual-objective gates: split where the predicted loss drop exceeds this (nats)."},
+    )
     gate_epochs: int = field(default=1, metadata={"help": "Epochs of gate training on the frozen backbone."})
-    finetune_epochs: int = field(default=1, metadata={"help": "Epochs of the shared fine-tuning."})
     batch_size: int = field(default=128, metadata={"help": "Training batch size."})
-    timing_images: int = field(default=1024, metadata={"help": "Test images of the throughput comparison."})
-    timing_repeats: int = field(default=9, metadata={"help": "Interleaved timing repetitions (median reported)."})
+    max_accuracy_drop: float = field(
+        default=0.5, metadata={"help": "Export the cheapest setting within this many points of all fine (validation)."}
+    )
+    timing_images: int = field(default=256, metadata={"help": "Test images of the throughput comparison."})
+    timing_repeats: int = field(default=3, metadata={"help": "Interleaved timing repetitions (median reported)."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage."})
+    readme: str | None = field(default=None, metadata={"help": "Rewrite this README's demo summary."})
+    docs: str | None = field(default=None, metadata={"help": "Rewrite this docs page's demo report (every row)."})
+
+    def __post_init__(self):
+        if not self.fine_ratios or not all(0 < ratio < 1 for ratio in self.fine_ratios):
+            raise ValueError(f"--fine_ratios must be fractions strictly between 0 and 1, got {self.fine_ratios}.")
+        if self.max_accuracy_drop < 0:
+            raise ValueError(f"--max_accuracy_drop is in points of top-1 and >= 0, got {self.max_accuracy_drop}.")
 
 
-def train_backbone(args: PipelineArguments, folder: Path) -> Path:
-    """The ViT backbone (reused when `folder` already holds a finished run)."""
-    if not (folder / "results.json").is_file():
-        train_classifier(
-            ClassificationArguments(
-                stage="backbone",
-                dataset=DATASET,
-                patch_size=args.patch_size,
-                hidden_size=args.hidden_size,
-                num_hidden_layers=args.depth,
-                num_attention_heads=args.heads,
-                num_train_epochs=args.backbone_epochs,
-                learning_rate=1e-3,
-                max_train_samples=args.max_train_samples,
-                max_eval_samples=args.max_eval_samples,
-                per_device_train_batch_size=args.batch_size,
-                seed=args.seed,
-                logging_steps=20,
-                output_dir=str(folder),
+def backbone_source(args: PipelineArguments, output: Path) -> Path | str:
+    """The backbone's folder (or Hub id): given, trained here (`--train_backbone`, reused once finished) or shipped."""
+    if args.train_backbone:
+        folder = output / "backbone"
+        if not (folder / "results.json").is_file():
+            print(f"== training the backbone into {folder}")
+            from_scratch = args.model_name_or_path is None
+            train_classifier(
+                ClassificationArguments(
+                    stage="backbone",
+                    model_name_or_path=args.model_name_or_path,
+                    dataset=args.dataset,
+                    background_contrast=args.background_contrast,
+                    validation_size=args.validation_size,
+                    image_size=args.image_size,
+                    patch_size=args.patch_size,
+                    hidden_size=args.hidden_size,
+                    num_hidden_layers=args.depth,
+                    num_attention_heads=args.heads,
+                    num_train_epochs=args.backbone_epochs,
+                    learning_rate=1e-3 if from_scratch else 5e-4,
+                    max_train_samples=args.max_train_samples,
+                    max_eval_samples=args.max_eval_samples,
+                    per_device_train_batch_size=args.batch_size,
+                    seed=args.seed,
+                    logging_steps=20,
+                    output_dir=str(folder),
+                )
             )
+        return folder / "model"
+    if args.model_name_or_path is not None:
+        return args.model_name_or_path
+    if not SHIPPED_BACKBONE.is_dir():
+        raise FileNotFoundError(
+            f"The default backbone {SHIPPED_BACKBONE} ships with the repository's checkout, not with the installed "
+            "package: pass --model_name_or_path (a ViT, DeiT or MSViT) or --train_backbone."
         )
-    return folder / "model"
+    return SHIPPED_BACKBONE
 
 
-def forced_runner(model, policy: str, fine_ratio: float):
-    """Inference under a fixed split policy, as timed: the masks are made per batch like the gate's decisions."""
-    grid = model.config.coarse_grid_size
-    return lambda batch: model(batch, split_mask=forced_split_mask(policy, len(batch), grid, fine_ratio))
+def load_backbone(source: Path | str, image_size: int | None):
+    """`(model, processor)`: the transformers ViT or the MSViT at `source` (at `image_size`, if given) and the image
+    processor that feeds it."""
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type not in ("vit", "msvit"):
+        raise ValueError(
+            f"{source} holds a {model_type!r} model; the pipeline takes a transformers ViT (model_type 'vit', which "
+            "includes non-distilled DeiT) or an MSViT folder. A distilled DeiT has a second (distillation) token, "
+            "which MSViT does not have."
+        )
+    model_class = ViTForImageClassification if model_type == "vit" else MSViTForImageClassification
+    model = model_class.from_pretrained(source).eval()
+    processor = AutoImageProcessor.from_pretrained(source)
+    if image_size and image_size != model.config.image_size:
+        if model_type != "vit":
+            raise ValueError("--image_size resizes a ViT backbone; an MSViT runs at its own image size.")
+        model = resized_vit(model, image_size)
+        mean, std = processor.image_mean, processor.image_std
+        processor = type(processor)(
+            size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std, do_center_crop=False
+        )
+    return model, processor
+
+
+def resized_vit(vit: ViTForImageClassification, image_size: int) -> ViTForImageClassification:
+    """The ViT at another input size: its position embeddings interpolated once (transformers' own
+    `interpolate_pos_encoding`), every other weight kept."""
+    config = vit.config
+    if image_size % config.patch_size:
+        raise ValueError(f"--image_size {image_size} is not a multiple of the ViT's patch size {config.patch_size}.")
+    num_patches = (image_size // config.patch_size) ** 2
+    embeddings = torch.zeros(1, 1 + num_patches, config.hidden_size)
+    with torch.no_grad():
+        positions = vit.vit.embeddings.interpolate_pos_encoding(embeddings, image_size, image_size)
+    resized = ViTForImageClassification(type(config)(**{**config.to_dict(), "image_size": image_size}))
+    state = {**vit.state_dict(), "vit.embeddings.position_embeddings": positions}
+    resized.load_state_dict(state)
+    return resized.eval()
+
+
+def check_labels(model, splits) -> None:
+    """The backbone's head must classify the data set's classes."""
+    names = class_names(splits)
+    if model.config.num_labels != len(names):
+        raise ValueError(
+            f"The backbone classifies {model.config.num_labels} classes, the data set has {len(names)} "
+            f"({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}). Pass --train_backbone to train "
+            "a head on this data first."
+        )
+
+
+def check_inputs(pixel_values: torch.Tensor, config, coarse_patch_size: int) -> None:
+    size = tuple(pixel_values.shape[1:])
+    expected = (config.num_channels, config.image_size, config.image_size)
+    if size != expected:
+        raise ValueError(
+            f"The image processor gives {size} images but the backbone expects {expected}: pass --image_size "
+            f"{config.image_size}, or fix the processor's size / crop_size."
+        )
+    if config.image_size % coarse_patch_size:
+        raise ValueError(
+            f"The image size {config.image_size} is not a multiple of the coarse patch {coarse_patch_size}: pass an "
+            f"--image_size that is (e.g. {math.ceil(config.image_size / coarse_patch_size) * coarse_patch_size})."
+        )
+
+
+class Pipeline:
+    """Every split policy on one frozen backbone, its curve, timing and export (see the module docstring)."""
+
+    def __init__(self, args: PipelineArguments):
+        self.args = args
+        self.output = Path(args.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        self.source = backbone_source(args, self.output)
+        self.seconds["backbone"] = round(time.perf_counter() - start, 1)
+        self.backbone, self.processor = load_backbone(self.source, args.image_size)
+        config = self.backbone.config
+        self.coarse = args.coarse_patch_size or getattr(config, "coarse_patch_size", 2 * config.patch_size)
+        self.splits = load_classification_splits(
+            args.dataset,
+            validation_size=int(args.validation_size) if args.validation_size >= 1 else args.validation_size,
+            seed=args.seed,
+            background_contrast=args.background_contrast,
+            max_train_samples=args.gate_train_samples,
+            max_eval_samples=args.max_eval_samples,
+        )
+        check_labels(self.backbone, self.splits)
+        self.data = split_tensors(self.splits, self.processor, config.num_channels)
+        check_inputs(self.data["test"][0], config, self.coarse)
+        # split rates per item and background region, where the data set knows its items (translated canvases)
+        self.items = None
+        if args.dataset in TRANSLATED_DATASETS:
+            load = dict(seed=args.seed, max_eval_samples=args.max_eval_samples)
+            self.items = translated_item_regions(args.dataset, self.processor, config.num_channels, self.coarse, load)
+        if config.model_type == "msvit":
+            if self.coarse != config.coarse_patch_size:
+                raise ValueError(f"An MSViT backbone keeps its coarse patch ({config.coarse_patch_size}).")
+            self.base = self.backbone
+        else:
+            self.base = MSViTForImageClassification.from_vit(
+                self.backbone, coarse_patch_size=self.coarse, size_aware_attention=True
+            ).eval()
+        self.rows: list[dict] = []
+        self.models: dict[str, MSViTForImageClassification] = {}  # gated policy -> its model
+
+    def gated(self, name: str, **overrides) -> MSViTForImageClassification:
+        torch.manual_seed(self.args.seed)  # the gate's initial weights
+        model = with_new_gate(self.base, **overrides)
+        self.models[name] = model
+        return model
+
+    def trained(self, name: str, objective: str, **overrides) -> MSViTForImageClassification:
+        start = time.perf_counter()
+        model = self.gated(name, **overrides)
+        training = GateTrainingArguments(
+            GATE_LEARNING_RATES[objective], epochs=self.args.gate_epochs, batch_size=self.args.batch_size
+        )
+        train_on_tensors(model, *self.data["train"], training, description=name)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        return model
+
+    def measure(self, policy: str, model, kind: str, *, drop: float | None = None, **budget) -> dict:
+        """One point of a policy's curve, on validation and test: at a fixed `fine_ratio`, at the `threshold` of a
+        predicted loss `drop`, or (no budget) a fixed layout."""
+        if drop is not None:
+            budget["threshold"] = predicted_drop_threshold(model.config, drop)
+        label = "-" if not budget else f"drop>{drop}" if drop is not None else f"ratio={budget['fine_ratio']}"
+        row = {"policy": policy, "budget": label, **budget}
+        for split in ("validation", "test"):
+            items = None if self.items is None else self.items[split]
+            row[split] = evaluate_split_policy(model, *self.data[split], policy=kind, item_regions=items, **budget)
+        self.rows.append(row)
+        test = row["test"]
+        print(f"{policy} @ {label}: test {100 * test['accuracy']:.2f} %, {test['gmacs']:.4f} GMACs")
+        return row
+
+    def run(self) -> dict:
+        args = self.args
+        start = time.perf_counter()
+        base = self.base
+        self.measure("all fine", base, "all_fine")
+        self.measure("all coarse", base, "all_coarse")
+        gates = {f"{rule} rule (training-free)": self.gated(f"{rule} rule (training-free)", gate_type=rule)
+                 for rule in GATE_RULES}  # fmt: skip
+        if base is self.backbone and base.config.gate_type == "learned":
+            gates["the backbone's own gate"] = self.models.setdefault("the backbone's own gate", base)
+        for ratio in args.fine_ratios:
+            for name, policy in RANKED.items():
+                self.measure(name, base, policy, fine_ratio=ratio)
+            for name, model in gates.items():
+                self.measure(name, model, "gate", fine_ratio=ratio)
+        self.seconds["rules and baselines"] = round(time.perf_counter() - start, 1)
+
+        # the residual gate starts from the rule that scores best on validation
+        rule = max(GATE_RULES, key=lambda rule: self.mean_validation(f"{rule} rule (training-free)"))
+        learned = {**LEARNED, f"residual gate ({rule} + learned correction)": "residual"}
+        middle = sorted(args.fine_ratios)[len(args.fine_ratios) // 2]
+        for name, objective in learned.items():
+            recipe = residual_gate_recipe(rule) if objective == "residual" else GATE_RECIPES[objective]
+            # the straight-through objective trains towards one budget: the middle one; the others towards none
+            model = self.trained(name, objective, **recipe, target_fine_ratio=middle)
+            start = time.perf_counter()
+            for ratio in args.fine_ratios:
+                self.measure(name, model, "gate", fine_ratio=ratio)
+            if objective in THRESHOLD_OBJECTIVES:
+                for drop in args.thresholds:
+                    self.measure(name, model, "gate", drop=drop)
+            self.seconds[name] += round(time.perf_counter() - start, 1)
+
+        start = time.perf_counter()
+        speed = self.throughput()
+        for row in self.rows:
+            row["speedup_vs_backbone"] = speed[row_key(row)] / speed["backbone"]
+        self.seconds["throughput"] = round(time.perf_counter() - start, 1)
+        exported = self.export()
+        report = {
+            "settings": asdict(args),
+            "backbone": {"source": shown(self.source), **self.backbone_summary()},
+            "rows": self.rows,
+            "exported": {**exported, "folder": shown(exported["folder"])},
+            "stage_seconds": self.seconds,
+            "torch_threads": torch.get_num_threads(),
+        }
+        (self.output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (self.output / "report.md").write_text(render_report(report))
+        plot_accuracy_vs_gmacs(report, self.output / "accuracy_vs_gmacs.png")
+        if args.readme:
+            replace_section(Path(args.readme), README_START, README_END, readme_summary(report))
+        if args.docs:
+            replace_section(Path(args.docs), DOCS_START, DOCS_END, report_body(report))
+        print("\n" + render_report(report))
+        return report
+
+    def mean_validation(self, policy: str) -> float:
+        rows = [row["validation"]["accuracy"] for row in self.rows if row["policy"] == policy]
+        return sum(rows) / len(rows)
+
+    def backbone_summary(self) -> dict:
+        config = self.backbone.config
+        all_fine = next(row for row in self.rows if row["policy"] == "all fine")
+        return {
+            "model_type": config.model_type,
+            "image_size": config.image_size,
+            "patch_size": config.patch_size,
+            "coarse_patch_size": self.coarse,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "test_accuracy": self.backbone_accuracy(),
+            "all_fine_test_accuracy": all_fine["test"]["accuracy"],
+        }
+
+    @torch.no_grad()
+    def backbone_accuracy(self) -> float:
+        """The backbone's own test top-1, through its own forward (a ViT: transformers' code)."""
+        pixel_values, labels = self.data["test"]
+        predictions = torch.cat([self.backbone(batch).logits.argmax(-1) for batch in pixel_values.split(256)])
+        return (predictions == labels).float().mean().item()
+
+    def throughput(self) -> dict[str, float]:
+        """Images/s of the backbone and of every row's setting, side by side on the same test images."""
+        images = self.data["test"][0][: self.args.timing_images]
+        runners = {"backbone": self.backbone, **{row_key(row): self.runner(row) for row in self.rows}}
+        print(f"== timing {len(runners)} settings side by side")
+        return interleaved_images_per_second(runners, dict.fromkeys(runners, images), 64, self.args.timing_repeats)
+
+    def runner(self, row: dict):
+        """Inference at a row's setting, as timed: a forced layout made per batch like a gate's decisions, or the
+        policy's model at the row's budget (set on every call: one model serves all of its rows)."""
+        model = self.models.get(row["policy"])
+        if model is not None:
+            return lambda batch: budgeted(model, row)(batch)
+        policy = {"all fine": "all_fine", "all coarse": "all_coarse", **RANKED}[row["policy"]]
+        grid, ratio = self.base.config.coarse_grid_size, row.get("fine_ratio", 0.0)
+        return lambda batch: self.base(batch, split_mask=forced_split_mask(policy, len(batch), grid, ratio))
+
+    def export(self) -> dict:
+        """The cheapest gated setting within `--max_accuracy_drop` points of all fine on validation, as a Hub folder,
+        with gate maps of every gate at its budget."""
+        reference = next(row for row in self.rows if row["policy"] == "all fine")["validation"]["accuracy"]
+        floor = reference - self.args.max_accuracy_drop / 100
+        gated = [row for row in self.rows if row["policy"] in self.models]
+        candidates = [row for row in gated if row["validation"]["accuracy"] >= floor]
+        if candidates:
+            chosen = min(candidates, key=lambda row: (row["validation"]["gmacs"], -row["validation"]["accuracy"]))
+        else:  # nothing gated is close enough: the best gate at every region split, which is all fine
+            best = max(self.models, key=self.mean_validation)
+            chosen = {"policy": best, "budget": "ratio=1.0", "fine_ratio": 1.0}
+        model = self.models[chosen["policy"]]
+        budgeted(model, chosen)
+        folder = self.output / "msvit" / "hub"
+        export_hub_folder(
+            model,
+            folder,
+            image_processor=self.processor,
+            model_name="msvit-demo",
+            description=(
+                f"`{chosen['policy']}` at `{chosen['budget']}` on the frozen backbone `{shown(self.source)}`: the "
+                "cheapest "
+                f"setting within {self.args.max_accuracy_drop} points of all fine on validation, chosen by "
+                "`python -m msvit.experiments.pipeline`."
+            ),
+            results_markdown=curve_table(self.rows, self.items is not None),
+        )
+        images = [self.splits["validation"][index]["image"] for index in range(min(6, len(self.splits["validation"])))]
+        middle = sorted(self.args.fine_ratios)[len(self.args.fine_ratios) // 2]
+        titles = [f"exported: {chosen['policy']} @ {chosen['budget']}"]
+        sheets = [gate_maps(model, self.processor, images, model.config.num_channels)]
+        for name, gate_model in self.models.items():
+            gate_model.set_budget(fine_ratio=middle)
+            titles.append(f"{name} @ ratio={middle}")
+            sheets.append(gate_maps(gate_model, self.processor, images, gate_model.config.num_channels))
+        budgeted(model, chosen)
+        stacked(sheets, titles).save(self.output / "gate_maps.png")
+        return {
+            "policy": chosen["policy"],
+            "budget": chosen["budget"],
+            "folder": str(folder),
+            "validation_floor": floor,
+            "validation": chosen.get("validation"),
+            "test": chosen.get("test"),
+            "speedup_vs_backbone": chosen.get("speedup_vs_backbone"),
+        }
+
+
+def shown(source: Path | str) -> str:
+    """A backbone's folder as reports show it: relative to the working directory when under it."""
+    path = Path(source)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(source)
+
+
+def row_key(row: dict) -> str:
+    return f"{row['policy']} @ {row['budget']}"
+
+
+def budgeted(model, row: dict):
+    """`model` set to the row's budget (fixed fine ratio, or a predicted-drop threshold)."""
+    if "threshold" in row:
+        model.set_budget(threshold=row["threshold"])
+    else:
+        model.set_budget(fine_ratio=row.get("fine_ratio", 1.0))
+    return model
+
+
+def curve_table(rows: list[dict], split_rates: bool) -> str:
+    header = "| policy | budget | validation top-1 | test top-1 | GMACs / image | tokens | speed vs backbone |"
+    rule = "|---|---|---|---|---|---|---|"
+    if split_rates:
+        header += " split rate: item / background |"
+        rule += "---|"
+    lines = [header, rule]
+    for row in rows:
+        test = row["test"]
+        speed = f"{row['speedup_vs_backbone']:.2f}x" if "speedup_vs_backbone" in row else "-"
+        line = (
+            f"| {row['policy']} | {row['budget']} | {100 * row['validation']['accuracy']:.2f} % "
+            f"| {100 * test['accuracy']:.2f} % | {test['gmacs']:.4f} | {test['tokens']:.1f} | {speed} |"
+        )
+        if split_rates:
+            background = test.get("split_rate_empty", test.get("split_rate_clutter", float("nan")))
+            line += f" {test['split_rate_content']:.2f} / {background:.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def headline(report: dict) -> str:
+    """The exported setting against all fine, in one sentence."""
+    rows = report["rows"]
+    all_fine = next(row for row in rows if row["policy"] == "all fine")["test"]
+    exported = report["exported"]
+    if exported["test"] is None:
+        return f"No gated setting came within {report['settings']['max_accuracy_drop']} points: exported all fine."
+    test = exported["test"]
+    return (
+        f"Exported `{exported['policy']}` at `{exported['budget']}`: test top-1 {100 * test['accuracy']:.2f} % "
+        f"against {100 * all_fine['accuracy']:.2f} % all fine, at {test['gmacs'] / all_fine['gmacs']:.0%} of its "
+        f"GMACs ({test['tokens']:.1f} tokens instead of {all_fine['tokens']:.0f}) and "
+        f"{exported['speedup_vs_backbone']:.2f}x the backbone's throughput."
+    )
+
+
+def render_report(report: dict) -> str:
+    return f"# MSViT on a pretrained ViT: `{report['settings']['dataset']}`\n\n{report_body(report)}\n"
+
+
+def report_body(report: dict) -> str:
+    """The settings, every row of the curve, the export and the stage times, in Markdown."""
+    settings, backbone = report["settings"], report["backbone"]
+    stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in report["stage_seconds"].items())
+    total = sum(report["stage_seconds"].values()) / 60
+    return "\n".join(
+        [
+            f"Backbone `{backbone['source']}` ({backbone['model_type']}, {backbone['image_size']} px, patch "
+            f"{backbone['patch_size']}, width {backbone['hidden_size']}, depth {backbone['num_hidden_layers']}): test "
+            f"top-1 {100 * backbone['test_accuracy']:.2f} % through its own forward, "
+            f"{100 * backbone['all_fine_test_accuracy']:.2f} % as an MSViT with every region split. MSViT: coarse "
+            f"patch {backbone['coarse_patch_size']}, size-aware attention, backbone frozen; gates trained "
+            f"{settings['gate_epochs']} epoch(s) on {settings['gate_train_samples']} training images, seed "
+            f"{settings['seed']}. Validation and test: {settings['max_eval_samples'] or 'all'} images each. Budgets: "
+            "fixed fine ratios (`ratio=r`: exactly that fraction of the regions of every image split) and, for the "
+            "gates that predict a loss drop, thresholds (`drop>t`: split where the predicted drop exceeds t nats). "
+            f"Throughput: batch 64, median of {settings['timing_repeats']} interleaved repetitions, "
+            f"{report['torch_threads']} torch threads, relative to the backbone on the same images.",
+            "",
+            curve_table(report["rows"], any("split_rate_content" in row["test"] for row in report["rows"])),
+            "",
+            headline(report),
+            f"Hub folder: `{report['exported']['folder']}` (reloads with `trust_remote_code=True`); "
+            "`accuracy_vs_gmacs.png` draws the curves and `gate_maps.png` every gate's decisions beside it. Stage "
+            f"times (s): {stages}; {total:.1f} minutes in all.",
+        ]
+    )
+
+
+def readme_summary(report: dict) -> str:
+    """Every policy at the middle fine ratio and the exported setting, with the headline; the rest is in the docs."""
+    settings, exported = report["settings"], report["exported"]
+    ratios = sorted(settings["fine_ratios"])
+    middle = f"ratio={ratios[len(ratios) // 2]}"
+    rows = [
+        row
+        for row in report["rows"]
+        if row["budget"] in ("-", middle) or (row["policy"], row["budget"]) == (exported["policy"], exported["budget"])
+    ]
+    minutes = sum(report["stage_seconds"].values()) / 60
+    return "\n".join(
+        [
+            f"On `{report['backbone']['source']}` (frozen; {settings['max_eval_samples'] or 'all'} validation and "
+            f"test images, seed {settings['seed']}, {report['torch_threads']} CPU threads, {minutes:.1f} minutes): "
+            f"every policy at fine ratio {middle.split('=')[1]}, and the exported setting. The whole curve (fine "
+            f"ratios {', '.join(map(str, ratios))}; thresholds) is in "
+            "[docs/evidence.md](docs/evidence.md#the-main-job-make-demo).",
+            "",
+            curve_table(rows, any("split_rate_content" in row["test"] for row in rows)),
+            "",
+            headline(report),
+        ]
+    )
+
+
+def plot_accuracy_vs_gmacs(report: dict, path: Path) -> None:
+    """Test top-1 against GMACs per image: one curve per policy over its fixed budgets, thresholds as open markers,
+    the exported setting circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    policies = list(dict.fromkeys(row["policy"] for row in report["rows"]))
+    colours = dict(zip(policies, plt.get_cmap("tab10").colors))
+    for policy in policies:
+        rows = [row for row in report["rows"] if row["policy"] == policy]
+        fixed = sorted((row["test"]["gmacs"], 100 * row["test"]["accuracy"]) for row in rows if "threshold" not in row)
+        axes.plot(*zip(*fixed), marker="o", markersize=4, color=colours[policy], label=policy)
+        for row in rows:
+            if "threshold" in row:
+                axes.scatter(row["test"]["gmacs"], 100 * row["test"]["accuracy"], facecolors="none",
+                             edgecolors=colours[policy])  # fmt: skip
+    exported = report["exported"]
+    if exported["test"] is not None:
+        axes.scatter(exported["test"]["gmacs"], 100 * exported["test"]["accuracy"], s=160, facecolors="none",
+                     edgecolors="black", label=f"exported: {exported['policy']} @ {exported['budget']}")  # fmt: skip
+    axes.set_xlabel("GMACs per image")
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_title(f"MSViT policies on the frozen backbone ({report['settings']['dataset']})", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+
+def parse_arguments(argv: list[str] | None = None) -> PipelineArguments:
+    (args,) = HfArgumentParser(PipelineArguments).parse_args_into_dataclasses(args=argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(PipelineArguments).parse_args_into_dataclasses(args=argv)
-    output = Path(args.output_dir)
-    stage_seconds = {}
-    start = time.perf_counter()
-    backbone = train_backbone(args, output / "backbone")
-    stage_seconds["backbone"] = round(time.perf_counter() - start, 1)
-
-    vit = ViTForImageClassification.from_pretrained(backbone).eval()
-    processor = AutoImageProcessor.from_pretrained(backbone)
-    splits = load_classification_splits(
-        DATASET, seed=args.seed, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
-    )
-    data = split_tensors(splits, processor, vit.config.num_channels)
-
-    def converted(**overrides) -> MSViTForImageClassification:
-        torch.manual_seed(args.seed)  # the gate's initial weights
-        # the budget is the model's own setting: a rule gate also fine-tunes on the layouts it is evaluated with
-        return MSViTForImageClassification.from_vit(
-            vit,
-            coarse_patch_size=args.coarse_patch_size,
-            target_fine_ratio=args.fine_ratio,
-            fine_ratio_budget=args.fine_ratio,
-            **overrides,
-        ).eval()
-
-    def trained(description: str, model, learning_rate: float, epochs: int, **options):
-        start = time.perf_counter()
-        training = GateTrainingArguments(learning_rate, epochs=epochs, batch_size=args.batch_size, seed=args.seed)
-        train_on_tensors(model, *data["train"], training, description=description, **options)
-        stage_seconds[description] = round(time.perf_counter() - start, 1)
-        return model
-
-    ratio = args.fine_ratio
-    gate_epochs = args.gate_epochs
-    # name -> (model, split policy)
-    frozen = {
-        "all fine": (converted(), "all_fine"),
-        "all coarse": (converted(), "all_coarse"),
-        "random regions": (converted(), "random"),
-        **{f"training-free {rule} gate": (converted(gate_type=rule), "gate") for rule in RULES},
-    }
-    rows = {name: measure(model, policy, ratio, data) for name, (model, policy) in frozen.items()}
-    # the residual gate starts from the rule that scores best on validation
-    rule = max(RULES, key=lambda rule: rows[f"training-free {rule} gate"]["validation"]["accuracy"])
-    learned = {
-        "straight-through gate (paper)": "straight_through",
-        "counterfactual gate": "counterfactual",
-        f"residual gate ({rule} + learned correction)": "residual",
-    }
-    for name, objective in learned.items():
-        recipe = residual_gate_recipe(rule) if objective == "residual" else GATE_RECIPES[objective]
-        model = trained(name, converted(**recipe), GATE_LEARNING_RATES[objective], gate_epochs)
-        frozen[name] = (model, "gate")
-        rows[name] = measure(model, "gate", ratio, data)
-    gated = [name for name, (_, policy) in frozen.items() if policy == "gate"]
-    best = max(gated, key=lambda name: rows[name]["validation"]["accuracy"])
-
-    finetune = dict(learning_rate=2e-4, epochs=args.finetune_epochs, gate_only=False)
-    all_fine = trained("fine-tune all fine", copy.deepcopy(frozen["all fine"][0]), split_policy="all_fine", **finetune)
-    best_model = trained(f"fine-tune {best}", copy.deepcopy(frozen[best][0]), **finetune)
-    tuned = {"all fine, fine-tuned": (all_fine, "all_fine"), f"{best}, fine-tuned": (best_model, "gate")}
-    rows.update({name: measure(model, policy, ratio, data) for name, (model, policy) in tuned.items()})
-    for name in rows:
-        rows[name]["frozen"] = name in frozen
-
-    print("\n== timing ==")
-    runners = {"ViT (backbone)": vit}
-    for name, (model, policy) in {**frozen, **tuned}.items():
-        model.set_budget(fine_ratio=ratio)
-        runners[name] = model if policy == "gate" else forced_runner(model, policy, ratio)
-    timing = data["test"][0][: args.timing_images]
-    throughput = interleaved_images_per_second(runners, dict.fromkeys(runners, timing), 64, args.timing_repeats)
-    for name, row in rows.items():
-        row["speedup_vs_vit"] = throughput[name] / throughput["ViT (backbone)"]
-
-    best_model.set_budget(fine_ratio=ratio)
-    export_hub_folder(best_model, output / "msvit" / "hub", image_processor=processor, model_name="msvit-demo")
-    images = [splits["validation"][index]["image"] for index in range(8)]
-    gate_maps(best_model, processor, images, best_model.config.num_channels).save(output / "msvit" / "gate_maps.png")
-
-    vit_test = evaluate_vit(vit, *data["test"])
-    report = {
-        "settings": asdict(args),
-        "vit": {**vit_test, "gmacs": vit_macs_for_config(vit.config, num_labels=vit.config.num_labels) / 1e9},
-        "rows": rows,
-        "best_gate": best,
-        "images_per_second": throughput,
-        "stage_seconds": stage_seconds,
-        "torch_threads": torch.get_num_threads(),
-    }
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "report.md").write_text(render_report(report, output))
-    print("\n" + render_report(report, output))
-    return report
-
-
-def measure(model, policy: str, ratio: float, data: dict) -> dict:
-    return {
-        split: evaluate_split_policy(model, *data[split], policy=policy, fine_ratio=ratio)
-        for split in ("validation", "test")
-    }
-
-
-@torch.no_grad()
-def evaluate_vit(vit, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict:
-    predictions = torch.cat([vit(batch).logits.argmax(-1) for batch in pixel_values.split(256)])
-    return {
-        "accuracy": (predictions == labels).float().mean().item(),
-        "tokens": 1 + vit.config.image_size**2 // vit.config.patch_size**2,
-    }
-
-
-def render_report(report: dict, output: Path) -> str:
-    settings, rows = report["settings"], report["rows"]
-    ratio = settings["fine_ratio"]
-    lines = [
-        f"# MSViT demo report (Translated Fashion-MNIST 64x64, {settings['max_train_samples']} training images)",
-        "",
-        f"Backbone: ViT/{settings['patch_size']}, width {settings['hidden_size']}, depth {settings['depth']}, "
-        f"{settings['backbone_epochs']} epochs: test top-1 {100 * report['vit']['accuracy']:.2f} %. MSViT: coarse "
-        f"patch {settings['coarse_patch_size']}, size-aware attention; gated rows split exactly {ratio:.0%} of the "
-        f"regions of every image. Test set: {settings['max_eval_samples']} images. Throughput: batch 64, median "
-        f"of {settings['timing_repeats']} interleaved repetitions, {report['torch_threads']} torch threads, relative "
-        "to transformers' ViT on the same images.",
-        "",
-        "| model | backbone | test top-1 | GMACs / image | tokens | split rate: item / empty regions | speed vs ViT |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, row in rows.items():
-        test = row["test"]
-        lines.append(
-            f"| {name} | {'frozen' if row['frozen'] else 'fine-tuned'} | {100 * test['accuracy']:.2f} % "
-            f"| {test['gmacs']:.4f} | {test['tokens']:.1f} "
-            f"| {test['split_rate_content']:.2f} / {test['split_rate_empty']:.2f} | {row['speedup_vs_vit']:.2f}x |"
-        )
-    validation = {name: row["validation"]["accuracy"] for name, row in rows.items() if row["frozen"]}
-    gated = sorted((name for name in validation if "gate" in name), key=lambda name: validation[name], reverse=True)
-    runner_up = f", ahead of `{gated[1]}` ({100 * validation[gated[1]]:.2f} %)" if len(gated) > 1 else ""
-    lines += [
-        "",
-        f"Exported: `{report['best_gate']}`, the gate with the best validation top-1 on the frozen backbone "
-        f"({100 * validation[report['best_gate']]:.2f} %{runner_up}), fine-tuned; it is exported to "
-        f"{output / 'msvit' / 'hub'} with its gate maps in {output / 'msvit' / 'gate_maps.png'}.",
-        f"Stage times (s): {report['stage_seconds']}.",
-    ]
-    return "\n".join(lines) + "\n"
+    return Pipeline(parse_arguments(argv)).run()
 
 
 if __name__ == "__main__":

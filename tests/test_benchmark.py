@@ -1,4 +1,4 @@
-"""The benchmark's bookkeeping: what it records, the targets it checks and the README section it writes.
+"""The benchmark's bookkeeping: what it records, the targets it checks and the docs section it writes.
 
 Timings themselves are not tested (the machine is shared); the run below is a tiny smoke run of the real script.
 """
@@ -8,19 +8,20 @@ import json
 import pytest
 
 from benchmarks import benchmark
-from benchmarks.report import README_END, README_START, check_targets
+from benchmarks.report import DOCS_END, DOCS_START, check_targets
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     output = tmp_path_factory.mktemp("benchmark")
-    readme = output / "README.md"
-    readme.write_text(f"# Title\n\n{README_START}\nold table\n{README_END}\n\n## Next\n")
+    page = output / "docs" / "performance.md"  # one folder down, as in the repository
+    page.parent.mkdir()
+    page.write_text(f"# Title\n\n{DOCS_START}\nold table\n{DOCS_END}\n\n## Next\n")
     argv = ["--image_size", "64", "--batch_sizes", "1", "2", "--dtypes", "fp32", "--attn", "sdpa"]
     argv += ["--warmup", "0", "--repeats", "1", "--min_cell_seconds", "0", "--ragged_batch_sizes", "4"]
     argv += ["--ragged_attn", "sdpa", "eager", "flex_attention"]
     argv += ["--train_batch_size", "2"]
-    argv += ["--sections", "inference", "ragged", "training", "--output_dir", str(output), "--readme", str(readme)]
+    argv += ["--sections", "inference", "ragged", "training", "--output_dir", str(output), "--docs", str(page)]
     benchmark.main(argv)
     return output
 
@@ -65,15 +66,15 @@ def test_records_token_counts_and_mac_ratios_of_every_forced_fine_ratio(run):
     assert results["machine"]["threads"] >= 1 and results["protocol"]["repeats"] == 1
 
 
-def test_writes_table_plot_and_the_readme_section(run):
+def test_writes_table_plot_and_the_docs_section(run):
     table = (run / "table.md").read_text()
     assert "| 2 |" in table and "MSViT 0.5" in table and "**Targets**" in table
     assert "| fp32 | 4 | packed | flex_attention |" in table and "| fp32 | 4 | padded | sdpa |" in table
     assert (run / "speedup.png").stat().st_size > 10_000
-    readme = (run / "README.md").read_text()
-    assert "old table" not in readme and table in readme
-    assert readme.startswith("# Title\n") and readme.endswith(f"{README_END}\n\n## Next\n")
-    assert "![Speed-up vs fine ratio](speedup.png)" in readme
+    page = (run / "docs" / "performance.md").read_text()
+    assert "old table" not in page and table in page
+    assert page.startswith("# Title\n") and page.endswith(f"{DOCS_END}\n\n## Next\n")
+    assert "![Speed-up vs fine ratio](../speedup.png)" in page  # relative to the page
 
 
 def inference_row(batch_size: int, fine_ratio: float, speedup: float, mac_speedup: float) -> dict:

@@ -9,8 +9,8 @@ import pytest
 
 from modeling_msvit import MSViTConfig
 from msvit.experiments.segmentation_pipeline import (
-    README_END,
-    README_START,
+    DOCS_END,
+    DOCS_START,
     SegmentationPipelineArguments,
     check_target,
     gate_thresholds,
@@ -67,10 +67,11 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     # every stage reads the same scenes: compose them once
     loader = functools.cache(run_segmentation.load_segmentation_splits)
     monkeypatch.setattr(run_segmentation, "load_segmentation_splits", loader)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{README_START}\nPLACEHOLDER\n{README_END}\noutro\n")
+    page = tmp_path / "docs" / "segmentation.md"  # one folder down, as in the repository
+    page.parent.mkdir()
+    page.write_text(f"intro\n{DOCS_START}\nPLACEHOLDER\n{DOCS_END}\noutro\n")
     output, results_dir = tmp_path / "runs", tmp_path / "results"
-    argv = [*TINY, "--output_dir", str(output), "--results_dir", str(results_dir), "--readme", str(readme),
+    argv = [*TINY, "--output_dir", str(output), "--results_dir", str(results_dir), "--docs", str(page),
             "--checkpointing_steps", "3"]  # fmt: skip
     report = main(argv)
     evaluations = [
@@ -132,7 +133,7 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
     assert saved["decoders"]["mask_transformer"]["target"] == report["decoders"]["mask_transformer"]["target"]
     for name in ("table.md", "miou_vs_gmacs.png", "predictions-linear.png", "predictions-mask_transformer.png"):
         assert (results_dir / name).is_file(), name
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "PLACEHOLDER" not in text
     assert "| linear | MSViT, frozen backbone | fine ratio 0.25 (fixed budget) |" in text
     assert (
@@ -140,7 +141,8 @@ def test_pipeline_runs_every_stage_of_both_decoders_and_writes_the_results(tmp_p
         in text
     )
     assert "Linear decoder, MSViT, frozen backbone, validation:" in text
-    assert "results/miou_vs_gmacs.png" in text and "results/predictions-mask_transformer.png" in text
+    # figures linked relative to the page
+    assert "](../results/miou_vs_gmacs.png)" in text and "](../results/predictions-mask_transformer.png)" in text
 
     # a second run reads the finished stages instead of training them again
     again = main(argv)

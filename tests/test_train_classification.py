@@ -135,34 +135,6 @@ def test_centre_prior_and_random_policies():
 
 
 @needs_data
-def test_pipeline_writes_a_consistent_report(tmp_path):
-    from msvit.experiments.pipeline import main as pipeline
-
-    torch.set_num_threads(1)
-    report = pipeline(
-        ["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "32", "--hidden_size",
-         "32", "--depth", "1", "--heads", "2", "--batch_size", "32", "--backbone_epochs", "1", "--gate_epochs", "1",
-         "--finetune_epochs", "1", "--timing_images", "64", "--timing_repeats", "2"]
-    )  # fmt: skip
-    rows = report["rows"]
-    assert report["vit"]["tokens"] == 65 and rows["all fine"]["test"]["tokens"] == 65
-    assert rows["all coarse"]["test"]["tokens"] == 17 and rows["all coarse"]["test"]["split_rate_content"] == 0
-    for name in (
-        "random regions",
-        "training-free entropy gate",
-        "counterfactual gate",
-        "straight-through gate (paper)",
-    ):
-        assert rows[name]["test"]["tokens"] == 1 + 16 + 3 * 8  # exactly half of the 16 regions split
-    assert f"{report['best_gate']}, fine-tuned" in rows and "all fine, fine-tuned" in rows
-    assert set(report["images_per_second"]) == {"ViT (backbone)", *rows}
-    assert rows["all fine"]["test"]["gmacs"] > rows["counterfactual gate"]["test"]["gmacs"]
-    assert (tmp_path / "report.md").read_text().count("\n| ") == 1 + len(rows)
-    assert (tmp_path / "msvit" / "hub" / "model.safetensors").is_file()
-    assert (tmp_path / "msvit" / "gate_maps.png").is_file()
-
-
-@needs_data
 def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(tmp_path, capsys):
     from msvit.experiments.evidence import main as evidence
 

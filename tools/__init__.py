@@ -1,1 +1,2 @@
-"""Tools around the Hub package (`msvit.tools`): Hub export, gate maps, README sections (not uploaded to the Hub)."""
+"""Tools around the Hub package (`msvit.tools`): Hub export, gate maps, generated Markdown sections (not uploaded to
+the Hub)."""

@@ -56,3 +56,17 @@ def side_by_side(panels: list[Image.Image], captions: list[str], caption_height:
         draw.text((left + 4, panel.height + 3), caption, fill=(0, 0, 0))
         left += panel.width + 4
     return sheet
+
+
+def stacked(rows: list[Image.Image], titles: list[str] | None = None, title_height: int = 16) -> Image.Image:
+    """Stack images vertically, left-aligned, each under its title when `titles` are given."""
+    band = title_height if titles else 0
+    sheet = Image.new("RGB", (max(row.width for row in rows), sum(row.height + band for row in rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    top = 0
+    for index, row in enumerate(rows):
+        if titles:
+            draw.text((4, top + 2), titles[index], fill=(0, 0, 0))
+        sheet.paste(row, (0, top + band))
+        top += row.height + band
+    return sheet

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from msvit.train.data import load_classification_splits
 from msvit.train.evaluation import processed_pixel_values
 from msvit.train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
 from msvit.train.training_loop import STAGE_LAYOUTS, freeze_all_but_gate
@@ -118,6 +119,35 @@ def split_tensors(splits, image_processor, num_channels: int) -> dict[str, tuple
         )
         for name, split in splits.items()
     }
+
+
+def translated_item_regions(
+    dataset: str, image_processor, num_channels: int, coarse_patch_size: int, load: dict
+) -> dict[str, torch.Tensor | None]:
+    """Validation and test `(N, Nc)` bool item regions of a translated canvas data set (`load`: the keyword arguments
+    of `load_classification_splits` that chose its images): the regions with content on the clean canvas, which holds
+    the same items at the same places. None for the clean canvases themselves, where every region with content is the
+    item's."""
+    if dataset == "translated_fashion_mnist":
+        return {"validation": None, "test": None}
+    clean = load_classification_splits("translated_fashion_mnist", **load)
+    return {
+        split: content_regions(processed_pixel_values(clean[split], image_processor, num_channels), coarse_patch_size)
+        for split in ("validation", "test")
+    }
+
+
+def with_new_gate(model: torch.nn.Module, **overrides) -> torch.nn.Module:
+    """A copy of an MSViT with its config changed by `overrides` (e.g. another gate) and a fresh gate: every other
+    weight is the model's own."""
+    config = type(model.config).from_dict({**model.config.to_dict(), **overrides})
+    fresh = type(model)(config)
+    kept = {name: tensor for name, tensor in model.state_dict().items() if ".embeddings.gate." not in name}
+    missing, unexpected = fresh.load_state_dict(kept, strict=False)
+    missing = [name for name in missing if ".embeddings.gate." not in name]
+    if missing or unexpected:
+        raise ValueError(f"The new config changes more than the gate: missing {missing}, unexpected {unexpected}.")
+    return fresh.to(model.dtype).eval()
 
 
 def content_regions(pixel_values: torch.Tensor, coarse_patch_size: int) -> torch.Tensor:

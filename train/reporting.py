@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 
 from msvit.tools.export import TASKS, export_hub_folder, task_of
-from msvit.tools.gate_map import render_gate_map, side_by_side
+from msvit.tools.gate_map import render_gate_map, side_by_side, stacked
 from msvit.train.evaluation import upsampled_argmax
 
 
@@ -202,10 +202,7 @@ def prediction_sheet(model, images: list, pixel_values: torch.Tensor, labels: to
             ),
         ]
         rows.append(side_by_side(panels, ["image", f"gate: {int(count)} tokens", "prediction", "ground truth"]))
-    sheet = PIL.Image.new("RGB", (rows[0].width, sum(row.height for row in rows)), (255, 255, 255))
-    for index, row in enumerate(rows):
-        sheet.paste(row, (0, index * row.height))
-    return sheet
+    return stacked(rows)
 
 
 def export_trained_segmenter(
