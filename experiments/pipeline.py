@@ -13,9 +13,9 @@
    all fine, all coarse, random regions, the training-free entropy and std rules, the paper's straight-through gate
    (trained at the middle budget), the counterfactual gate and the residual gate (the better rule on validation plus
    a learned correction); an MSViT backbone's own gate too. Fixed budgets `--fine_ratios` split exactly
-   `round(ratio * regions)` regions of every image; the counterfactual-objective gates also run at `--thresholds`
-   (split where the predicted loss drop exceeds that many nats: each image gets its own token count). Gates train on
-   `--gate_train_samples` training images.
+   `round(ratio * regions)` regions of every image; thresholds give each image its own token count: the rules split
+   where a region's score exceeds `--rule_thresholds`, the counterfactual-objective gates where the predicted loss
+   drop exceeds `--thresholds` nats. Gates train on `--gate_train_samples` training images.
 3. Throughput of every setting, measured side by side in this process (interleaved repetitions, median) against the
    backbone itself.
 4. The export: the cheapest gated setting whose validation top-1 is at most `--max_accuracy_drop` points below all
@@ -118,6 +118,10 @@ class PipelineArguments:
     thresholds: list[float] = field(
         default_factory=lambda: [0.08, 0.2],
         metadata={"help": "Counterfactual-objective gates: split where the predicted loss drop exceeds this (nats)."},
+    )
+    rule_thresholds: list[float] = field(
+        default_factory=lambda: [0.1, 0.3],
+        metadata={"help": "Training-free rules: split where the region's score (in [0, 1]) exceeds this."},
     )
     gate_epochs: int = field(default=1, metadata={"help": "Epochs of gate training on the frozen backbone."})
     batch_size: int = field(default=128, metadata={"help": "Training batch size."})
@@ -300,12 +304,9 @@ class Pipeline:
         self.seconds[name] = round(time.perf_counter() - start, 1)
         return model
 
-    def measure(self, policy: str, model, kind: str, *, drop: float | None = None, **budget) -> dict:
-        """One point of a policy's curve, on validation and test: at a fixed `fine_ratio`, at the `threshold` of a
-        predicted loss `drop`, or (no budget) a fixed layout."""
-        if drop is not None:
-            budget["threshold"] = predicted_drop_threshold(model.config, drop)
-        label = "-" if not budget else f"drop>{drop}" if drop is not None else f"ratio={budget['fine_ratio']}"
+    def measure(self, policy: str, model, kind: str, label: str = "-", **budget) -> dict:
+        """One point of a policy's curve, on validation and test: at a `fine_ratio`, a split-probability `threshold`
+        or (no budget) a fixed layout; `label` names the budget in the report."""
         row = {"policy": policy, "budget": label, **budget}
         for split in ("validation", "test"):
             items = None if self.items is None else self.items[split]
@@ -327,12 +328,16 @@ class Pipeline:
             gates["the backbone's own gate"] = self.models.setdefault("the backbone's own gate", base)
         for ratio in args.fine_ratios:
             for name, policy in RANKED.items():
-                self.measure(name, base, policy, fine_ratio=ratio)
+                self.measure(name, base, policy, f"ratio={ratio}", fine_ratio=ratio)
             for name, model in gates.items():
-                self.measure(name, model, "gate", fine_ratio=ratio)
+                self.measure(name, model, "gate", f"ratio={ratio}", fine_ratio=ratio)
+        for rule in GATE_RULES:  # a rule's split probability is its score in [0, 1]
+            name = f"{rule} rule (training-free)"
+            for score in args.rule_thresholds:
+                self.measure(name, gates[name], "gate", f"score>{score}", threshold=score)
         self.seconds["rules and baselines"] = round(time.perf_counter() - start, 1)
 
-        # the residual gate starts from the rule that scores best on validation
+        # the residual gate starts from the rule that scores best on validation at the fixed budgets
         rule = max(GATE_RULES, key=lambda rule: self.mean_validation(f"{rule} rule (training-free)"))
         learned = {**LEARNED, f"residual gate ({rule} + learned correction)": "residual"}
         middle = sorted(args.fine_ratios)[len(args.fine_ratios) // 2]
@@ -342,10 +347,11 @@ class Pipeline:
             model = self.trained(name, objective, **recipe, target_fine_ratio=middle)
             start = time.perf_counter()
             for ratio in args.fine_ratios:
-                self.measure(name, model, "gate", fine_ratio=ratio)
+                self.measure(name, model, "gate", f"ratio={ratio}", fine_ratio=ratio)
             if objective in THRESHOLD_OBJECTIVES:
                 for drop in args.thresholds:
-                    self.measure(name, model, "gate", drop=drop)
+                    threshold = predicted_drop_threshold(model.config, drop)
+                    self.measure(name, model, "gate", f"drop>{drop}", threshold=threshold)
             self.seconds[name] += round(time.perf_counter() - start, 1)
 
         start = time.perf_counter()
@@ -373,7 +379,8 @@ class Pipeline:
         return report
 
     def mean_validation(self, policy: str) -> float:
-        rows = [row["validation"]["accuracy"] for row in self.rows if row["policy"] == policy]
+        """A policy's mean validation top-1 over the fixed budgets (the same compute for every policy)."""
+        rows = [row["validation"]["accuracy"] for row in self.rows if row["policy"] == policy and "fine_ratio" in row]
         return sum(rows) / len(rows)
 
     def backbone_summary(self) -> dict:
@@ -537,8 +544,9 @@ def report_body(report: dict) -> str:
             f"patch {backbone['coarse_patch_size']}, size-aware attention, backbone frozen; gates trained "
             f"{settings['gate_epochs']} epoch(s) on {settings['gate_train_samples']} training images, seed "
             f"{settings['seed']}. Validation and test: {settings['max_eval_samples'] or 'all'} images each. Budgets: "
-            "fixed fine ratios (`ratio=r`: exactly that fraction of the regions of every image split) and, for the "
-            "gates that predict a loss drop, thresholds (`drop>t`: split where the predicted drop exceeds t nats). "
+            "fixed fine ratios (`ratio=r`: exactly that fraction of the regions of every image split) and thresholds, "
+            "for the rules on their score in [0, 1] (`score>t`) and for the gates that predict a loss drop on that "
+            "prediction (`drop>t`, in nats). "
             f"Throughput: batch 64, median of {settings['timing_repeats']} interleaved repetitions, "
             f"{report['torch_threads']} torch threads, relative to the backbone on the same images.",
             "",
