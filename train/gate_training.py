@@ -192,7 +192,7 @@ def evaluate_split_policy(
     generator = torch.Generator().manual_seed(seed)
     correct, token_counts, split_masks = 0, [], []
     try:
-        for start in range(0, len(pixel_values), batch_size):
+        for start in tqdm(range(0, len(pixel_values), batch_size), desc=f"evaluate ({policy})", leave=False):
             batch = pixel_values[start : start + batch_size]
             if policy == "gate":
                 split_mask = None
