@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 import torch
 from transformers import (
+    AutoImageProcessor,
     DeiTConfig,
     DeiTForImageClassification,
     DeiTImageProcessorPil,
@@ -113,6 +114,15 @@ def test_pipeline_trains_a_backbone_and_reports_every_policy(tmp_path):
     if "ratio=" in exported["budget"]:
         assert config["fine_ratio_budget"] == float(exported["budget"].split("=")[1])
     assert exported["policy"] in (hub / "README.md").read_text()
+    # an MSViT folder is a backbone too: its own (learned) gate joins the policies
+    backbone = output / "backbone" / "model"
+    MSViTForImageClassification.from_vit(backbone, size_aware_attention=True).save_pretrained(tmp_path / "msvit-in")
+    AutoImageProcessor.from_pretrained(backbone).save_pretrained(tmp_path / "msvit-in")
+    report = main(["--model_name_or_path", str(tmp_path / "msvit-in"), "--output_dir", str(tmp_path / "msvit"),
+                   "--max_eval_samples", "32", "--fine_ratios", "0.5", *TINY])  # fmt: skip
+    rows = {(row["policy"], row["budget"]): row for row in report["rows"]}
+    assert rows["the backbone's own gate", "ratio=0.5"]["test"]["tokens"] == 41
+    assert report["backbone"]["model_type"] == "msvit"
 
 
 def write_image_folder(folder, per_class: int = 10) -> None:
@@ -151,7 +161,11 @@ def test_pipeline_on_a_saved_deit_and_an_image_folder(tmp_path):
     assert rows["all fine", "-"]["test"]["accuracy"] == report["backbone"]["test_accuracy"]
     assert rows["all fine", "-"]["test"]["tokens"] == 17 and rows["all coarse", "-"]["test"]["tokens"] == 5
     assert rows["entropy rule (training-free)", "ratio=0.5"]["test"]["tokens"] == 1 + 4 + 3 * 2
-    assert "split_rate_content" not in (tmp_path / "run" / "report.md").read_text()  # no items known in photos
+    assert "split rate" not in (tmp_path / "run" / "report.md").read_text()  # no items known in photos
+    # saved without its processor: resized to the model's size and normalised as the training scripts do
+    (tmp_path / "deit" / "preprocessor_config.json").unlink()
+    report = main([*run, "--output_dir", str(tmp_path / "bare")])
+    assert report["rows"][0]["test"]["tokens"] == 17
     assert (tmp_path / "run" / "msvit" / "hub" / "model.safetensors").is_file()
     # --image_size: the images and the ViT's position embeddings at 48 px (9 coarse regions of 16 px)
     report = main([*run, "--output_dir", str(tmp_path / "run48"), "--image_size", "48"])
