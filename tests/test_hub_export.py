@@ -17,8 +17,8 @@ from tests.conftest import tiny_config
 FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoModelForSemanticSegmentation"}
 
 # Runs in a fresh interpreter, outside the repository, with the repository's package made unimportable, so that
-# only the code inside the exported folder can be used.
-REMOTE_LOAD = """
+# only the code inside the exported folder can be used: the logits of `photo.png` beside the folder...
+REMOTE_LOGITS = """
 import sys
 sys.modules["modeling_msvit"] = None
 import numpy as np, torch
@@ -32,12 +32,19 @@ image = Image.open(folder + "/../photo.png")
 pixel_values = AutoImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt").pixel_values
 with torch.no_grad():
     logits = model(pixel_values).logits[0]
+results = {"logits": logits, "pixel_values": pixel_values}
+"""
+# ... and, for an RGB model, the image-classification pipeline's scores and the gate's settings
+REMOTE_LOAD = (
+    REMOTE_LOGITS
+    + """
 classifier = pipeline("image-classification", model=folder, trust_remote_code=True, top_k=None)
 scores = {row["label"]: row["score"] for row in classifier(image)}
 names = ("size_aware_attention", "gate_type", "gate_objective", "gate_residual_rule", "gate_input")
 settings = {name: getattr(model.config, name) for name in names}
-torch.save({"logits": logits, "pixel_values": pixel_values, "scores": scores, "settings": settings}, out)
+results.update(scores=scores, settings=settings)
 """
+)
 
 
 REMOTE_SEGMENT = """
@@ -56,11 +63,13 @@ with torch.no_grad():
     logits = model(pixel_values).logits[0]
 segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
 masks = {row["label"]: np.asarray(row["mask"]) for row in segmenter(image)}
-torch.save({"logits": logits, "pixel_values": pixel_values, "masks": masks}, out)
+results = {"logits": logits, "pixel_values": pixel_values, "masks": masks}
 """
 
 
 def load_in_clean_process(folder: Path, tmp_path: Path, script: str = REMOTE_LOAD) -> dict:
+    """Run `script` on `folder` in a fresh interpreter and return the `results` it leaves."""
+    script += "torch.save(results, out)\n"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")

@@ -19,27 +19,10 @@ from transformers import (
 from modeling_msvit import MSViTForImageClassification
 from msvit.experiments.pipeline import README_END, README_START, Pipeline, main, parse_arguments, resized_vit, row_key
 from msvit.train.gate_training import with_new_gate
-from tests.test_hub_export import load_in_clean_process
+from tests.test_hub_export import REMOTE_LOGITS, load_in_clean_process
 from tests.test_train_classification import needs_data
 
 
-# the exported folder through its own code only, in a fresh interpreter (`load_in_clean_process`)
-REMOTE_LOGITS = """
-import sys
-sys.modules["modeling_msvit"] = None
-import torch
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-folder, out = sys.argv[1], sys.argv[2]
-model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-assert "transformers_modules" in type(model).__module__, type(model).__module__
-image = Image.open(folder + "/../photo.png")
-pixel_values = AutoImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt").pixel_values
-with torch.no_grad():
-    logits = model(pixel_values).logits[0]
-torch.save({"logits": logits, "pixel_values": pixel_values}, out)
-"""
 TINY = ["--hidden_size", "32", "--depth", "1", "--heads", "2", "--batch_size", "32", "--gate_train_samples", "64",
         "--timing_images", "32", "--timing_repeats", "1"]  # fmt: skip
 GATES = ("entropy rule (training-free)", "std rule (training-free)", "straight-through gate (paper)",
