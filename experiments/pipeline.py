@@ -1,6 +1,6 @@
 """The main job (`make demo`): how much faster a pretrained ViT runs as an MSViT on your images, and at what accuracy.
 
-    python -m msvit.experiments.pipeline  # the ViT/8 shipped in results/evidence: about 4 minutes on 2 CPU cores
+    python -m msvit.experiments.pipeline  # the ViT/8 shipped in results/evidence: 2.5 minutes on 2 CPU cores
     python -m msvit.experiments.pipeline --model_name_or_path path/to/vit --dataset imagefolder:path/to/images
     python -m msvit.experiments.pipeline --train_backbone  # a ViT/8 trained from scratch first (today's bench)
 
@@ -21,8 +21,9 @@
 4. The export: the cheapest gated setting whose validation top-1 is at most `--max_accuracy_drop` points below all
    fine, as a Hub folder (`msvit/hub`, its model card holds the measured curve) with its gate maps.
 
-Writes `report.md`, `report.json`, `accuracy_vs_gmacs.png` and `gate_maps.png` (every gate at the exported budget) to
-`--output_dir`; with `--readme`, the README's demo summary.
+Writes `report.md`, `report.json`, `accuracy_vs_gmacs.png` and `gate_maps.png` (the exported setting, then every gate
+at the middle fine ratio) to `--output_dir`; with `--readme`, the README's summary, and with `--docs`, the report in
+that docs page (`make demo` does both).
 """
 
 import json
