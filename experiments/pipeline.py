@@ -148,6 +148,11 @@ class PipelineArguments:
             raise ValueError(f"--max_accuracy_drop is in points of top-1 and >= 0, got {self.max_accuracy_drop}.")
 
 
+def middle_ratio(fine_ratios: list[float]) -> float:
+    """The middle fixed budget: the straight-through gate trains towards it; the gate maps and the README show it."""
+    return sorted(fine_ratios)[len(fine_ratios) // 2]
+
+
 def backbone_source(args: PipelineArguments, output: Path) -> Path | str:
     """The backbone's folder (or Hub id): given, trained here (`--train_backbone`, reused once finished) or shipped."""
     if args.train_backbone:
@@ -286,7 +291,7 @@ class Pipeline:
         check_inputs(self.data["test"][0], config, self.coarse)
         # split rates per item and background region, where the data set knows its items (translated canvases)
         self.items = None
-        if args.dataset in TRANSLATED_DATASETS:
+        if knows_items(args.dataset):
             load = dict(seed=args.seed, max_eval_samples=args.max_eval_samples)
             self.items = translated_item_regions(args.dataset, self.processor, config.num_channels, self.coarse, load)
         if config.model_type == "msvit":
@@ -352,11 +357,10 @@ class Pipeline:
         # the residual gate starts from the rule that scores best on validation at the fixed budgets
         rule = max(GATE_RULES, key=lambda rule: self.mean_validation(f"{rule} rule (training-free)"))
         learned = {**LEARNED, f"residual gate ({rule} + learned correction)": "residual"}
-        middle = sorted(args.fine_ratios)[len(args.fine_ratios) // 2]
         for name, objective in learned.items():
             recipe = residual_gate_recipe(rule) if objective == "residual" else GATE_RECIPES[objective]
             # the straight-through objective trains towards one budget: the middle one; the others towards none
-            model = self.trained(name, objective, **recipe, target_fine_ratio=middle)
+            model = self.trained(name, objective, **recipe, target_fine_ratio=middle_ratio(args.fine_ratios))
             start = time.perf_counter()
             for ratio in args.fine_ratios:
                 self.measure(name, model, "gate", f"ratio={ratio}", fine_ratio=ratio)
@@ -397,7 +401,7 @@ class Pipeline:
 
     def backbone_summary(self) -> dict:
         config = self.backbone.config
-        all_fine = next(row for row in self.rows if row["policy"] == "all fine")
+        all_fine = all_fine_row(self.rows)
         return {
             "model_type": config.model_type,
             "image_size": config.image_size,
@@ -436,7 +440,7 @@ class Pipeline:
     def export(self) -> dict:
         """The cheapest gated setting within `--max_accuracy_drop` points of all fine on validation, as a Hub folder,
         with gate maps of every gate at its budget."""
-        reference = next(row for row in self.rows if row["policy"] == "all fine")["validation"]["accuracy"]
+        reference = all_fine_row(self.rows)["validation"]["accuracy"]
         floor = reference - self.args.max_accuracy_drop / 100
         gated = [row for row in self.rows if row["policy"] in self.models]
         candidates = [row for row in gated if row["validation"]["accuracy"] >= floor]
@@ -455,14 +459,13 @@ class Pipeline:
             model_name="msvit-demo",
             description=(
                 f"`{chosen['policy']}` at `{chosen['budget']}` on the frozen backbone `{shown(self.source)}`: the "
-                "cheapest "
-                f"setting within {self.args.max_accuracy_drop} points of all fine on validation, chosen by "
+                f"cheapest setting within {self.args.max_accuracy_drop} points of all fine on validation, chosen by "
                 "`python -m msvit.experiments.pipeline`."
             ),
-            results_markdown=curve_table(self.rows, self.args.dataset in TRANSLATED_DATASETS),
+            results_markdown=curve_table(self.rows, knows_items(self.args.dataset)),
         )
         images = [self.splits["validation"][index]["image"] for index in range(min(6, len(self.splits["validation"])))]
-        middle = sorted(self.args.fine_ratios)[len(self.args.fine_ratios) // 2]
+        middle = middle_ratio(self.args.fine_ratios)
         titles = [f"exported: {chosen['policy']} @ {chosen['budget']}"]
         sheets = [gate_maps(model, self.processor, images, model.config.num_channels)]
         for name, gate_model in self.models.items():
@@ -488,9 +491,14 @@ def shown(source: Path | str) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(source)
 
 
-def knows_items(report: dict) -> bool:
+def all_fine_row(rows: list[dict]) -> dict:
+    """The reference every setting is compared with."""
+    return next(row for row in rows if row["policy"] == "all fine")
+
+
+def knows_items(dataset: str) -> bool:
     """Whether the data set marks its items' regions (the translated canvases), so split rates mean something."""
-    return report["settings"]["dataset"] in TRANSLATED_DATASETS
+    return dataset in TRANSLATED_DATASETS
 
 
 def row_key(row: dict) -> str:
@@ -498,7 +506,8 @@ def row_key(row: dict) -> str:
 
 
 def budgeted(model, row: dict):
-    """`model` set to the row's budget (fixed fine ratio, or a predicted-drop threshold)."""
+    """`model` set to the row's budget: a fixed fine ratio, or a split-probability threshold (a rule's score or a
+    predicted loss drop)."""
     if "threshold" in row:
         model.set_budget(threshold=row["threshold"])
     else:
@@ -530,7 +539,7 @@ def curve_table(rows: list[dict], split_rates: bool) -> str:
 def headline(report: dict) -> str:
     """The exported setting against all fine, in one sentence."""
     rows = report["rows"]
-    all_fine = next(row for row in rows if row["policy"] == "all fine")["test"]
+    all_fine = all_fine_row(rows)["test"]
     exported = report["exported"]
     if exported["test"] is None:
         return f"No gated setting came within {report['settings']['max_accuracy_drop']} points: exported all fine."
@@ -567,7 +576,7 @@ def report_body(report: dict) -> str:
             f"Throughput: batch 64, median of {settings['timing_repeats']} interleaved repetitions, "
             f"{report['torch_threads']} torch threads, relative to the backbone on the same images.",
             "",
-            curve_table(report["rows"], knows_items(report)),
+            curve_table(report["rows"], knows_items(report["settings"]["dataset"])),
             "",
             headline(report),
             f"Hub folder: `{report['exported']['folder']}` (reloads with `trust_remote_code=True`); "
@@ -580,23 +589,23 @@ def report_body(report: dict) -> str:
 def readme_summary(report: dict) -> str:
     """Every policy at the middle fine ratio and the exported setting, with the headline; the rest is in the docs."""
     settings, exported = report["settings"], report["exported"]
-    ratios = sorted(settings["fine_ratios"])
-    middle = f"ratio={ratios[len(ratios) // 2]}"
+    middle = middle_ratio(settings["fine_ratios"])
     rows = [
         row
         for row in report["rows"]
-        if row["budget"] in ("-", middle) or (row["policy"], row["budget"]) == (exported["policy"], exported["budget"])
+        if row["budget"] in ("-", f"ratio={middle}")
+        or (row["policy"], row["budget"]) == (exported["policy"], exported["budget"])
     ]
     minutes = sum(report["stage_seconds"].values()) / 60
     return "\n".join(
         [
             f"On `{report['backbone']['source']}` (frozen; {settings['max_eval_samples'] or 'all'} validation and "
             f"test images, seed {settings['seed']}, {report['torch_threads']} CPU threads, {minutes:.1f} minutes): "
-            f"every policy at fine ratio {middle.split('=')[1]}, and the exported setting. The whole curve (fine "
-            f"ratios {', '.join(map(str, ratios))}; thresholds) is in "
+            f"every policy at fine ratio {middle}, and the exported setting. The whole curve (fine ratios "
+            f"{', '.join(map(str, sorted(settings['fine_ratios'])))}; thresholds) is in "
             "[docs/evidence.md](docs/evidence.md#the-main-job-make-demo).",
             "",
-            curve_table(rows, knows_items(report)),
+            curve_table(rows, knows_items(report["settings"]["dataset"])),
             "",
             headline(report),
         ]
