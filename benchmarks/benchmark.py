@@ -250,7 +250,7 @@ def bench_ragged(args, models, timer: Timer) -> list[dict]:
         generator = torch.Generator().manual_seed(args.seed)
         pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
         split_mask = ragged_split_mask(batch_size, num_coarse, args.ragged_mean, generator).to(args.device)
-        counts = token_counts(split_mask, msvit.config.scale_ratio)
+        counts = token_counts(split_mask, msvit.base_model.scale_tree(args.image_size, args.image_size))
         autocast = autocast_for(dtype, args.device)
         vit_run = inference_runner(models["vit16"], pixel_values, autocast)
         budget_run = budget_runner(msvit, pixel_values, autocast, args.ragged_mean)

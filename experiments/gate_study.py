@@ -94,7 +94,11 @@ class GateStudyArguments:
     output_dir: str = field(default="results/evidence/shared", metadata={"help": "Where the results go."})
     dataset: str = field(
         default="translated_fashion_mnist",
-        metadata={"help": "The backbone's data set.", "choices": TRANSLATED_DATASETS},
+        metadata={
+            "help": "The backbone's data set: translated canvases, clean, cluttered, textured or sparse (56 px items "
+            "on 192 px canvases).",
+            "choices": TRANSLATED_DATASETS,
+        },
     )
     background_contrast: float = field(
         default=1.0, metadata={"help": "textured_translated_fashion_mnist: the backgrounds' contrast."}

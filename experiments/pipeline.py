@@ -88,8 +88,9 @@ class PipelineArguments:
     dataset: str = field(
         default="translated_fashion_mnist",
         metadata={
-            "help": "translated_fashion_mnist (and its cluttered_ / textured_ variants), fashion_mnist, "
-            "imagefolder:<dir> or a Hub id; validation is carved from train when missing, as in the training scripts."
+            "help": "translated_fashion_mnist (and its cluttered_ / textured_ / sparse_ variants; sparse_: 56 px "
+            "items on 192 px canvases), fashion_mnist, imagefolder:<dir> or a Hub id; validation is carved from "
+            "train when missing, as in the training scripts."
         },
     )
     background_contrast: float = field(

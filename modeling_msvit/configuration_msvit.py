@@ -57,10 +57,11 @@ class MSViTConfig(PreTrainedConfig):
     r"""
     Configuration of an MSViT (Dynamic Mixed-Scale Tokenization, Havtorn et al., ICCVW 2023) model.
 
-    The ViT fields mean what they mean in [`ViTConfig`]. MSViT adds a second, coarse patch size: a gate reads every
-    coarse region and either keeps it as one coarse token or splits it into its `(coarse_patch_size // patch_size)**2`
-    fine tokens. Throughout this repository the gate outputs the probability that a region is **split** (`split_prob`),
-    and the *fine ratio* is the fraction of coarse regions that are split.
+    The ViT fields mean what they mean in [`ViTConfig`]. MSViT adds larger patch sizes: a gate reads every coarse
+    region and either keeps it as one coarse token or splits it into its `(coarse_patch_size // patch_size)**2` fine
+    tokens. Throughout this repository the gate outputs the probability that a region is **split** (`split_prob`),
+    and the *fine ratio* is the fraction of the gate's decisions that split. With more than two sizes
+    (`patch_sizes`) the regions form a tree: a split region's children decide in turn, top-down.
 
     Args:
         patch_size (`int`, *optional*, defaults to 16):
@@ -68,6 +69,16 @@ class MSViTConfig(PreTrainedConfig):
         coarse_patch_size (`int`, *optional*, defaults to 32):
             The coarse patch size; a multiple of `patch_size`. Coarse regions are area-downscaled to `patch_size` and
             embedded with the same patch embedding as fine patches (unless `separate_coarse_embedding`).
+        patch_sizes (`list[int]`, *optional*):
+            All patch sizes, finest first, e.g. `[16, 32, 64]`: each size the previous one times the same factor `r
+            >= 2` (2 makes a quadtree). `patch_size` and `coarse_patch_size` are then its first and last entries.
+            The gate decides top-down, one decision per node: a region of the largest size is kept or split into its
+            `r**2` regions of the next size, which decide in turn, down to `patch_size`. Cells of a size whose grid
+            does not hold them (the border of an image that is not a multiple of that size) start at the next finer
+            size, so 224 px works with 64 px top regions. Every patch is area-downscaled to `patch_size` and embedded
+            with the one patch embedding; position embeddings are the averages of the finest cells a token covers.
+            None (the default, and what a `config.json` saved before this field holds) means
+            `[patch_size, coarse_patch_size]`.
         separate_coarse_embedding (`bool`, *optional*, defaults to `False`):
             Ablation: embed coarse patches with their own projection instead of the shared one.
         size_aware_attention (`bool`, *optional*, defaults to `True`):
@@ -104,11 +115,15 @@ class MSViTConfig(PreTrainedConfig):
             Number of linear layers in the gate MLP (the paper's gate is a 4-layer MLP).
         gate_temperature (`float`, *optional*, defaults to 1.0):
             Temperature of the Gumbel-sigmoid relaxation used in training.
-        gate_threshold (`float`, *optional*, defaults to 0.5):
-            At inference a region is split when its split probability exceeds this threshold.
+        gate_threshold (`float` or `list[float]`, *optional*, defaults to 0.5):
+            At inference a region is split when its split probability exceeds this threshold (and, with more than two
+            patch sizes, its parent is split). With more than two sizes it may be one threshold per decision level,
+            finest first: entry `i` applies to the regions of `patch_sizes[i + 1]`.
         fine_ratio_budget (`float`, *optional*):
-            If set, inference ignores `gate_threshold` and splits exactly `round(fine_ratio_budget * num_coarse)`
-            regions per image (the ones with the highest gate logits), so that every image has the same token count.
+            If set, inference ignores `gate_threshold` and splits exactly `round(fine_ratio_budget * D)` regions per
+            image, `D` the number of split decisions (the coarse regions with two patch sizes; every region larger than
+            `patch_size` with more): those with the highest gate logits, top-down (a region only under a split
+            parent), so that every image has the same token count.
         train_token_path (`str`, *optional*, defaults to `"masked"`):
             Execution path in training: `"masked"` (all candidate tokens, inactive ones masked out of attention) or
             `"gathered"` (only active tokens, padded per batch). Inference always uses the gathered path.
@@ -211,6 +226,7 @@ class MSViTConfig(PreTrainedConfig):
     image_size: int | list[int] | tuple[int, int] = 224
     patch_size: int = 16
     coarse_patch_size: int = 32
+    patch_sizes: list[int] | tuple[int, ...] | None = None
     num_channels: int = 3
     qkv_bias: bool = True
     separate_coarse_embedding: bool = False
@@ -223,7 +239,7 @@ class MSViTConfig(PreTrainedConfig):
     gate_hidden_size: int = 64
     gate_num_layers: int = 4
     gate_temperature: float | int = 1.0
-    gate_threshold: float = 0.5
+    gate_threshold: float | list[float] | tuple[float, ...] = 0.5
     fine_ratio_budget: float | int | None = None
     train_token_path: str = "masked"
     ragged_execution: str = "packed"
@@ -252,13 +268,37 @@ class MSViTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        if self.patch_sizes is not None:
+            self.patch_sizes = list(self.patch_sizes)
+            if self.patch_sizes:
+                self.patch_size, self.coarse_patch_size = self.patch_sizes[0], self.patch_sizes[-1]
         super().__post_init__(**kwargs)
         self.validate_msvit()
 
     @property
+    def scale_sizes(self) -> tuple[int, ...]:
+        """All patch sizes, finest first: `patch_sizes`, or `(patch_size, coarse_patch_size)`."""
+        return tuple(self.patch_sizes) if self.patch_sizes is not None else (self.patch_size, self.coarse_patch_size)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scale_sizes)
+
+    @property
     def scale_ratio(self) -> int:
-        """Fine patches per coarse patch side (`r`); a coarse region has `r**2` fine children."""
-        return self.coarse_patch_size // self.patch_size
+        """Patches of one size per side of the next size (`r`); a split region has `r**2` children."""
+        sizes = self.scale_sizes
+        return sizes[1] // sizes[0]
+
+    @property
+    def num_split_decisions(self) -> int:
+        """The gate's decisions per image at `image_size` (`D`): every cell of a size above `patch_size` that the
+        size's grid holds (the coarse regions with two sizes)."""
+        rows, columns = self.fine_grid_size
+        return sum(
+            (rows // self.scale_ratio**level) * (columns // self.scale_ratio**level)
+            for level in range(1, self.num_scales)
+        )
 
     @property
     def coarse_grid_size(self) -> tuple[int, int]:
@@ -293,20 +333,32 @@ class MSViTConfig(PreTrainedConfig):
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
-        if self.coarse_patch_size % self.patch_size != 0 or self.coarse_patch_size == self.patch_size:
+        sizes = self.scale_sizes
+        if self.patch_sizes is not None and (len(sizes) < 2 or any(size < 1 for size in sizes)):
+            raise ValueError(f"`patch_sizes` must hold at least two positive sizes, finest first, got {sizes}.")
+        ratio = sizes[1] // sizes[0]
+        if ratio < 2 or any(coarser != finer * ratio for finer, coarser in zip(sizes[:-1], sizes[1:])):
+            if len(sizes) == 2:
+                raise ValueError(
+                    f"`coarse_patch_size` ({sizes[1]}) must be a multiple of `patch_size` ({sizes[0]}) and larger "
+                    f"than it, e.g. coarse_patch_size={2 * sizes[0]}."
+                )
             raise ValueError(
-                f"`coarse_patch_size` ({self.coarse_patch_size}) must be a multiple of "
-                f"`patch_size` ({self.patch_size}) "
-                f"and larger than it, e.g. coarse_patch_size={2 * self.patch_size}."
+                f"`patch_sizes` {list(sizes)} must grow by the same integer factor >= 2 at every step, finest first, "
+                f"e.g. {[sizes[0] * 2**level for level in range(len(sizes))]}."
             )
         image_size = _as_pair(self.image_size)
-        if len(image_size) != 2 or any(side % self.coarse_patch_size != 0 or side < 1 for side in image_size):
+        if len(image_size) != 2 or any(side % self.patch_size != 0 or side < 1 for side in image_size):
             raise ValueError(
-                f"`image_size` ({self.image_size}) must be a positive multiple of `coarse_patch_size` "
-                f"({self.coarse_patch_size}) on both sides, so that coarse regions tile the image exactly."
+                f"`image_size` ({self.image_size}) must be a positive multiple of `patch_size` ({self.patch_size}) on "
+                "both sides, so that the finest patches tile the image exactly."
             )
-        if not 0.0 < self.gate_threshold < 1.0:
-            raise ValueError(f"`gate_threshold` must lie in (0, 1), got {self.gate_threshold}.")
+        thresholds = [self.gate_threshold] if isinstance(self.gate_threshold, (int, float)) else self.gate_threshold
+        if len(thresholds) not in (1, len(sizes) - 1) or not all(0.0 < value < 1.0 for value in thresholds):
+            raise ValueError(
+                f"`gate_threshold` must be one value in (0, 1), or one per decision level ({len(sizes) - 1} for "
+                f"patch sizes {list(sizes)}, finest first), got {self.gate_threshold}."
+            )
         if self.fine_ratio_budget is not None and not 0.0 <= self.fine_ratio_budget <= 1.0:
             raise ValueError(f"`fine_ratio_budget` must be None or lie in [0, 1], got {self.fine_ratio_budget}.")
         if not 0.0 <= self.target_fine_ratio <= 1.0:

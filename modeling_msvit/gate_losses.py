@@ -10,8 +10,9 @@ split logit on `scale * loss drop` (`counterfactual_regression_loss`). The layou
 all its flips.
 
 **Straight-through objective** (the paper's). All budget losses take `split_soft` of shape `(B, Nc)`: the relaxed
-(Gumbel-sigmoid) split value of every coarse region in a batch, in (0, 1). They shape the *distribution* of these
-values, not only their mean:
+(Gumbel-sigmoid) split value of every coarse region in a batch, in (0, 1). With more than two patch sizes `Nc` reads
+`D`, every decision of the region tree (`mixed_scale_tokens`), and a "region" any of its nodes. They shape the
+*distribution* of these values, not only their mean:
 
 * **batch-shaping (BaS)**: the Cramér–von Mises distance between the empirical distribution of all `B * Nc` values
   and one shared prior;
@@ -103,14 +104,18 @@ def sample_training_layouts(split_logits: torch.Tensor, mode: str) -> torch.Tens
     return order.argsort(dim=1) < num_split
 
 
-def sample_flips(batch_size: int, num_coarse: int, num_flips: int, device=None) -> torch.Tensor:
-    """`(B, K)` distinct random regions per image to flip (K = `num_flips`, at most `Nc`)."""
-    num_flips = min(num_flips, num_coarse)
-    return torch.rand(batch_size, num_coarse, device=device).argsort(dim=1)[:, :num_flips]
+def sample_flips(reachable: torch.Tensor, num_flips: int, guaranteed: int) -> torch.Tensor:
+    """`(B, K)` distinct random decisions per image to flip, among those that count (`reachable` `(B, D)`: every
+    region with two patch sizes, the roots and the children of split regions with more). `K = min(num_flips,
+    guaranteed)`, `guaranteed` the decisions that count in every layout (the roots)."""
+    num_flips = min(num_flips, guaranteed)
+    scores = torch.rand(reachable.shape, device=reachable.device).masked_fill(~reachable, 2.0)
+    return scores.argsort(dim=1)[:, :num_flips]
 
 
 def flipped_layouts(split_mask: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """`(B * K, Nc)` layouts: image `b`'s layout with region `flips[b, k]` flipped, in `(b, k)` order."""
+    """`(B * K, D)` layouts: image `b`'s layout with decision `flips[b, k]` flipped, in `(b, k)` order. Flipping a
+    split region to kept leaves its descendants' marks, which then no longer count (`close_splits`)."""
     flip = torch.zeros(*flips.shape, split_mask.shape[1], dtype=torch.bool, device=split_mask.device)
     flip.scatter_(2, flips[..., None], True)
     return (split_mask[:, None, :] ^ flip).flatten(0, 1)
@@ -150,7 +155,7 @@ class MSViTGateLoss(nn.Module):
         self.prior_temperature = config.gate_prior_temperature
         self.hyperprior_weight = config.gbas_hyperprior_weight
         self.temperature_weight = config.gbas_temperature_weight
-        self.num_coarse = config.coarse_grid_size[0] * config.coarse_grid_size[1]
+        self.num_coarse = config.num_split_decisions
         if self.loss_type == "gbas" and uses_priors:
             # stored as logit(mu_k) and log(tau_k): unconstrained parameters for valid priors
             self.prior_mean_logits = nn.Parameter(torch.zeros(self.num_coarse))

@@ -1,24 +1,186 @@
 # Copyright 2026 The msvit Authors. Licensed under the Apache License, Version 2.0.
 """Pure tensor functions that turn gate decisions into MSViT's mixed-scale token sequences.
 
-Notation: `B` images, a coarse grid of `Hc x Wc = Nc` regions in raster order, `r` fine patches per coarse side,
-`Nf = Nc * r**2` fine patches, `P = channels * patch_size**2` values per (downscaled) patch.
+**Scales.** MSViT's patch sizes `p_0 < p_1 < ... < p_{S-1}` (`config.patch_sizes`, finest first) grow by one factor
+`r`: a cell of level `l >= 1` covers `r x r` cells of level `l - 1`. The cells form one tree per top-level cell (a
+quadtree for `r = 2`); a node of level `l >= 1` is either kept as one token or split into its `r**2` children, and
+a split node's children decide in turn (top-down). The cells of a level that its grid does not hold (at the image's
+border, when the image is not a multiple of that level's size) belong to the next finer level, where they are roots:
+at 224 px with 16/32/64 px patches, 3 x 3 top regions of 64 px and a border of 32 px roots. `ScaleTree` holds this
+structure for one image size, and every function here reads it. Two scales are its simplest case: one level of
+decisions, the coarse regions.
+
+Notation: `B` images, `Hf x Wf` finest cells, `N` candidates (every node of every level), `D` decision nodes (the
+nodes of levels >= 1, `D = Nc` coarse regions with two scales), `P = channels * p_0**2` values per patch, every patch
+area-downscaled to `p_0`. The gate's logits and `split_mask` are `(B, D)`; a split mask means a node is split when it
+and all its ancestors are marked (`close_splits`), so the marks under a kept node do not count.
 
 Two token layouts are used, both without the CLS token:
 
-* **candidate layout** (`Nc + Nf` tokens): every coarse region first (raster order), then the fine patches *grouped by
-  their coarse parent*: the `r**2` children of region 0 in raster order, then those of region 1, and so on. Candidate
-  `j < Nc` is coarse region `j`; candidate `Nc + j * r**2 + k` is child `k` of region `j`.
-* **gathered layout** (one sequence per image, padded to the longest image of the batch): regions in raster order,
-  each contributing its coarse token if kept or its `r**2` fine children if split. Positions past an image's length
-  are padding, flagged in the returned validity mask.
+* **candidate layout** (`N` tokens): levels from the largest down; within a level, the children of the level above
+  in their parents' order (raster order inside each parent), then the level's own roots in raster order. The
+  decision nodes are therefore candidates `0 ... D - 1`. With two scales and an image the coarse grid tiles:
+  candidate `j < Nc` is coarse region `j`, and `Nc + j * r**2 + k` is child `k` of region `j`.
+* **gathered layout** (one sequence per image, padded to the longest image of the batch): the active tokens in
+  depth-first order: each root (in raster order of its top-left corner) contributes its token if kept, else its
+  children's tokens in raster order, recursively. Positions past an image's length are padding, flagged in the
+  returned validity mask.
 
 The model never depends on the order of tokens (attention is permutation-equivariant and positions are encoded by
 position embeddings); the orders are fixed so that outputs can be mapped back to the image grid.
 """
 
+import functools
+from dataclasses import dataclass, replace
+
 import torch
 from torch.nn import functional as F
+
+
+# the tensors of a `ScaleTree`, kept as non-persistent buffers by the model for its configured image size
+TREE_TENSORS = ("level", "parent", "cells", "grid_row", "slot_order", "cell_chain")
+
+
+@dataclass(frozen=True)
+class ScaleTree:
+    """The static candidate structure of one image size (see the module docstring).
+
+    Attributes:
+        ratio: `r`, the factor between successive patch sizes.
+        level_grids: per level (finest first), the `(rows, columns)` of its grid: `(Hf // r**l, Wf // r**l)`.
+        num_decisions: `D`; candidates `0 ... D - 1` are the decision nodes.
+        num_roots: tokens when nothing is split (CLS excluded).
+        num_decision_roots: the decision nodes among the roots, which every layout can flip.
+        level: `(N,)` each candidate's level, 0 the finest.
+        parent: `(N,)` each candidate's parent (a decision node), `D` for roots.
+        cells: `(N,)` the finest cells each candidate covers, `r**(2 * level)`.
+        grid_row: `(N,)` each candidate's row in the level grids concatenated finest first, each in raster order
+            (`grid_patches`).
+        slot_order: `(N,)` the candidates in depth-first order (the gathered layout with every candidate active).
+        cell_chain: `(S, Hf * Wf)` for every finest cell (raster order), the candidate covering it at each level, `N`
+            where that level's grid does not hold it.
+    """
+
+    ratio: int
+    level_grids: tuple[tuple[int, int], ...]
+    num_decisions: int
+    num_roots: int
+    num_decision_roots: int
+    level: torch.Tensor
+    parent: torch.Tensor
+    cells: torch.Tensor
+    grid_row: torch.Tensor
+    slot_order: torch.Tensor
+    cell_chain: torch.Tensor
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.level_grids)
+
+    @property
+    def num_candidates(self) -> int:
+        return self.level.shape[0]
+
+    @property
+    def fine_grid(self) -> tuple[int, int]:
+        return self.level_grids[0]
+
+    @property
+    def num_fine(self) -> int:
+        return self.level_grids[0][0] * self.level_grids[0][1]
+
+    @property
+    def decision_levels(self) -> torch.Tensor:
+        """`(D,)` the level of every decision node (>= 1)."""
+        return self.level[: self.num_decisions]
+
+    @property
+    def decision_rows(self) -> torch.Tensor:
+        """`(D,)` each decision node's row in the grids of levels 1 ... S-1 concatenated (`by_decision`)."""
+        return self.grid_row[: self.num_decisions] - self.num_fine
+
+    def to(self, device) -> "ScaleTree":
+        return replace(self, **{name: getattr(self, name).to(device) for name in TREE_TENSORS})
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_scale_tree(fine_grid: tuple[int, int], ratio: int, num_scales: int) -> ScaleTree:
+    grids = [(fine_grid[0] // ratio**level, fine_grid[1] // ratio**level) for level in range(num_scales)]
+
+    def in_grid(level: int, row: int, column: int) -> bool:
+        return level < num_scales and row < grids[level][0] and column < grids[level][1]
+
+    def children(level: int, row: int, column: int) -> list[tuple[int, int, int]]:
+        return [(level - 1, ratio * row + a, ratio * column + b) for a in range(ratio) for b in range(ratio)]
+
+    per_level, above = {}, []
+    for level in reversed(range(num_scales)):
+        nodes = [child for node in above for child in children(*node)]
+        rows, columns = grids[level]
+        nodes += [
+            (level, row, column)
+            for row in range(rows)
+            for column in range(columns)
+            if not in_grid(level + 1, row // ratio, column // ratio)
+        ]
+        per_level[level] = above = nodes
+    candidates = [node for level in reversed(range(num_scales)) for node in per_level[level]]
+    index = {node: position for position, node in enumerate(candidates)}
+    num_decisions = sum(len(per_level[level]) for level in range(1, num_scales))
+    offsets = [sum(rows * columns for rows, columns in grids[:level]) for level in range(num_scales)]
+
+    roots = [node for node in candidates if not in_grid(node[0] + 1, node[1] // ratio, node[2] // ratio)]
+    roots.sort(key=lambda node: (node[1] * ratio ** node[0], node[2] * ratio ** node[0]))
+    slot_order = []
+
+    def visit(node: tuple[int, int, int]) -> None:
+        slot_order.append(index[node])
+        if node[0] > 0:
+            for child in children(*node):
+                visit(child)
+
+    for root in roots:
+        visit(root)
+    fine_rows, fine_columns = fine_grid
+    cell_chain = [
+        [
+            index[(level, row // ratio**level, column // ratio**level)]
+            if in_grid(level, row // ratio**level, column // ratio**level)
+            else len(candidates)
+            for row in range(fine_rows)
+            for column in range(fine_columns)
+        ]
+        for level in range(num_scales)
+    ]
+    parent = [
+        index[(level + 1, row // ratio, column // ratio)] if in_grid(level + 1, row // ratio, column // ratio) else -1
+        for level, row, column in candidates
+    ]
+    # built on the CPU explicitly: transformers may first build the model under a meta-device context
+    return ScaleTree(
+        ratio=ratio,
+        level_grids=tuple(grids),
+        num_decisions=num_decisions,
+        num_roots=len(roots),
+        num_decision_roots=sum(1 for root in roots if root[0] > 0),
+        level=torch.tensor([level for level, _, _ in candidates], dtype=torch.long, device="cpu"),
+        parent=torch.tensor(
+            [num_decisions if value < 0 else value for value in parent], dtype=torch.long, device="cpu"
+        ),
+        cells=torch.tensor([ratio ** (2 * level) for level, _, _ in candidates], dtype=torch.long, device="cpu"),
+        grid_row=torch.tensor(
+            [offsets[level] + row * grids[level][1] + column for level, row, column in candidates],
+            dtype=torch.long,
+            device="cpu",
+        ),
+        slot_order=torch.tensor(slot_order, dtype=torch.long, device="cpu"),
+        cell_chain=torch.tensor(cell_chain, dtype=torch.long, device="cpu").reshape(num_scales, -1),
+    )
+
+
+def build_scale_tree(fine_grid: tuple[int, int], ratio: int, num_scales: int, device=None) -> ScaleTree:
+    """The `ScaleTree` of an image of `fine_grid` finest cells, with `num_scales` patch sizes growing by `ratio`."""
+    return _cpu_scale_tree(tuple(fine_grid), ratio, num_scales).to(device)
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -34,85 +196,132 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, -1, channels * patch_size * patch_size)
 
 
-def region_neighbourhoods(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
-    """Every coarse region's 3 x 3 neighbourhood of coarse regions, area-downscaled by `r` to `patch_size` each:
-    `(B, Nc, C * (3p)**2)` in raster order of the regions, each flattened in `(channel, row, column)` order. Outside
-    the image the neighbourhood reads 0."""
-    pooled = F.avg_pool2d(pixel_values, ratio)
-    windows = F.unfold(pooled, kernel_size=3 * patch_size, stride=patch_size, padding=patch_size)
-    return windows.transpose(1, 2)
+def level_images(pixel_values: torch.Tensor, tree: ScaleTree, patch_size: int) -> list[torch.Tensor]:
+    """The image seen at every level, finest first: level `l` is the part its grid holds, area-downscaled by `r**l`,
+    so that its cells are `patch_size` px: `(B, C, rows_l * p, columns_l * p)`.
 
-
-def candidate_patches(pixel_values: torch.Tensor, patch_size: int, ratio: int) -> torch.Tensor:
-    """All candidate patches `(B, Nc + Nf, C*p*p)` in candidate layout: the coarse regions area-downscaled by `r` to
-    `patch_size` (raster order), then the fine patches grouped by parent (raster order inside each region).
-
-    Each half is written straight into the output from a strided view of the image: one copy per pixel, no
-    concatenation. The `r x r` area average is a sum of `r**2` strided views, exactly `avg_pool2d(pixel_values, r)`
-    and 2-4x faster than that kernel on CPU.
+    Each level averages `r x r` blocks of the one before as a sum of `r**2` strided views: exactly `avg_pool2d`, and
+    2-4x faster than that kernel on CPU.
     """
-    batch_size, channels, height, width = pixel_values.shape
-    coarse_h, coarse_w = height // (patch_size * ratio), width // (patch_size * ratio)
-    num_coarse = coarse_h * coarse_w
-    patches = pixel_values.new_empty(batch_size, num_coarse * (1 + ratio * ratio), channels * patch_size * patch_size)
-    pixel_sum = sum(pixel_values[..., row::ratio, column::ratio] for row in range(ratio) for column in range(ratio))
-    downscaled = (pixel_sum / (ratio * ratio)).view(batch_size, channels, coarse_h, patch_size, coarse_w, patch_size)
-    patches[:, :num_coarse].view(batch_size, coarse_h, coarse_w, channels, patch_size, patch_size).copy_(
-        downscaled.permute(0, 2, 4, 1, 3, 5)
-    )
-    fine = pixel_values.view(batch_size, channels, coarse_h, ratio, patch_size, coarse_w, ratio, patch_size)
-    # (B, Hc, Wc, r, r, C, p, p): parent cell, then child row/column, then the patch itself
-    patches[:, num_coarse:].view(batch_size, coarse_h, coarse_w, ratio, ratio, channels, patch_size, patch_size).copy_(
-        fine.permute(0, 2, 5, 3, 6, 1, 4, 7)
-    )
+    ratio, images = tree.ratio, [pixel_values]
+    for rows, columns in tree.level_grids[1:]:
+        held = images[-1][..., : rows * ratio * patch_size, : columns * ratio * patch_size]
+        pixel_sum = sum(held[..., row::ratio, column::ratio] for row in range(ratio) for column in range(ratio))
+        images.append(pixel_sum / (ratio * ratio))
+    return images
+
+
+def grid_patches(images: list[torch.Tensor], tree: ScaleTree, patch_size: int) -> torch.Tensor:
+    """Every level's cells as `patch_size` patches, `(B, G, P)`: the level grids concatenated finest first, each in
+    raster order (`tree.grid_row` indexes it). Each level is written straight into the output, one copy per value."""
+    batch_size, channels = images[0].shape[:2]
+    sizes = [rows * columns for rows, columns in tree.level_grids]
+    patches = images[0].new_empty(batch_size, sum(sizes), channels * patch_size * patch_size)
+    start = 0
+    for image, (rows, columns), size in zip(images, tree.level_grids, sizes):
+        cells = image.view(batch_size, channels, rows, patch_size, columns, patch_size).permute(0, 2, 4, 1, 3, 5)
+        patches[:, start : start + size].view(batch_size, rows, columns, channels, patch_size, patch_size).copy_(cells)
+        start += size
     return patches
 
 
-def group_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Reorder a fine grid of vectors `(..., Hf, Wf, D)` into candidate order `(..., Nf, D)` (grouped by parent)."""
-    *lead, fine_h, fine_w, dim = fine_grid.shape
-    grid = fine_grid.reshape(*lead, fine_h // ratio, ratio, fine_w // ratio, ratio, dim)
-    grid = grid.transpose(-3, -4)  # (..., Hc, Wc, r, r, D)
-    return grid.reshape(*lead, -1, dim)
+def level_regions(images: list[torch.Tensor], tree: ScaleTree, patch_size: int, full: bool) -> list[torch.Tensor]:
+    """The regions of the decision levels (1 ... S-1), one `(B, rows_l * columns_l, F_l)` tensor per level in raster
+    order: at full resolution (`full`, `F_l = C * p_l**2`) or at the second patch size `p_1` (`F = C * p_1**2`, the
+    full resolution of level 1, area-downscaled above it)."""
+    ratio, regions = tree.ratio, []
+    for level, (rows, columns) in enumerate(tree.level_grids[1:], start=1):
+        size = patch_size * ratio ** (level if full else 1)
+        image = images[0 if full else level - 1][..., : rows * size, : columns * size]
+        regions.append(patchify(image, size))
+    return regions
 
 
-def pool_fine_grid(fine_grid: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Average each `r x r` block of a fine grid `(..., Hf, Wf, D)` into coarse vectors `(..., Nc, D)`, raster order.
+def region_neighbourhoods(images: list[torch.Tensor], tree: ScaleTree, patch_size: int) -> list[torch.Tensor]:
+    """Every decision node's 3 x 3 neighbourhood of same-level cells, each area-downscaled to `patch_size`: one
+    `(B, rows_l * columns_l, C * (3p)**2)` tensor per decision level in raster order, each neighbourhood flattened in
+    `(channel, row, column)` order. Outside the level's grid the neighbourhood reads 0."""
+    return [
+        F.unfold(image, kernel_size=3 * patch_size, stride=patch_size, padding=patch_size).transpose(1, 2)
+        for image in images[1:]
+    ]
 
-    For position embeddings this is the linear interpolation at the coarse cell centres when `r = 2`.
+
+def by_decision(per_level: list[torch.Tensor], tree: ScaleTree) -> torch.Tensor:
+    """Per-level values `(B, rows_l * columns_l, ...)` of levels 1 ... S-1 (raster order) in decision order `(B, D,
+    ...)`."""
+    return torch.cat(per_level, dim=1).index_select(1, tree.decision_rows)
+
+
+def candidate_positions(fine_grid: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Position embeddings `(N, D)` of all candidates, in candidate layout, from the finest grid's `(Hf, Wf, D)`: a
+    level-`l` cell gets the average of the `r**l x r**l` finest cells it covers (for `r = 2` one level up, the
+    linear interpolation at the cell's centre)."""
+    dim = fine_grid.shape[-1]
+    channels_first = fine_grid.permute(2, 0, 1)[None]
+    levels = [fine_grid.reshape(-1, dim)] + [
+        F.avg_pool2d(channels_first, tree.ratio**level).reshape(dim, -1).t() for level in range(1, tree.num_scales)
+    ]
+    return torch.cat(levels).index_select(0, tree.grid_row)
+
+
+def _parent_values(values: torch.Tensor, tree: ScaleTree, root_value) -> torch.Tensor:
+    """Each candidate's parent's value `(B, N)` from per-decision values `(B, D)`; `root_value` for roots."""
+    padded = torch.cat([values, values.new_full((values.shape[0], 1), root_value)], dim=1)
+    return padded[:, tree.parent]
+
+
+def reachable_decisions(split_mask: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Decision nodes `(B, D)` bool whose decision counts: roots and children of split nodes."""
+    return _parent_values(split_mask, tree, True)[:, : tree.num_decisions]
+
+
+def close_splits(split_mask: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """The effective decisions `(B, D)` bool: a node is split when it and all its ancestors are marked."""
+    for _ in range(tree.num_scales - 2):
+        split_mask = split_mask & reachable_decisions(split_mask, tree)
+    return split_mask
+
+
+def _own_split(values: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Per-candidate values `(B, N)`: the decision nodes' own, 0 for the finest candidates."""
+    return torch.cat([values, values.new_zeros(values.shape[0], tree.num_candidates - tree.num_decisions)], dim=1)
+
+
+def candidate_active_mask(split_mask: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Active candidates `(B, N)` bool from effective decisions: nodes whose parent is split (or roots) and that are
+    not split themselves."""
+    return _parent_values(split_mask, tree, True) & ~_own_split(split_mask, tree)
+
+
+def candidate_mask_values(split_values: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Per-candidate multipliers `(B, N)` from per-node split values `m` `(B, D)`: the product of the ancestors'
+    `m` times `1 - m` of the node itself (a finest candidate has no `1 - m` factor). With two scales `1 - m` coarse,
+    `m` fine.
+
+    With straight-through values `m` (exactly 0/1 forward, soft gradient) this is 1 on active tokens and 0 elsewhere
+    (marks under a kept node included), and routes the task gradient of every active token to the decisions above
+    it.
     """
-    grouped = group_fine_grid(fine_grid, ratio)
-    return grouped.unflatten(-2, (-1, ratio * ratio)).mean(-2)
+    reach = _parent_values(split_values, tree, 1.0)
+    for _ in range(tree.num_scales - 2):
+        reach = _parent_values(split_values * reach[:, : tree.num_decisions], tree, 1.0)
+    return reach * (1 - _own_split(split_values, tree))
 
 
-def token_counts(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Tokens per image including CLS, `1 + Nc + (r**2 - 1) * #split`, from a `(B, Nc)` boolean split mask."""
-    num_coarse = split_mask.shape[-1]
-    return 1 + num_coarse + (ratio * ratio - 1) * split_mask.sum(-1)
-
-
-def candidate_active_mask(split_mask: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Active candidates `(B, Nc + Nf)` bool: kept regions' coarse tokens and split regions' children."""
-    return torch.cat([~split_mask, split_mask.repeat_interleave(ratio * ratio, dim=-1)], dim=-1)
-
-
-def candidate_mask_values(split_values: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Per-candidate multipliers `(B, Nc + Nf)` from per-region split values `(B, Nc)`: `1 - m` coarse, `m` fine.
-
-    With straight-through values `m` (exactly 0/1 forward, soft gradient) this is 1 on active tokens and routes the
-    task gradient of every active token to the gate.
-    """
-    return torch.cat([1 - split_values, split_values.repeat_interleave(ratio * ratio, dim=-1)], dim=-1)
+def token_counts(split_mask: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Tokens per image including CLS, `1 + roots + (r**2 - 1) * #split`, from effective decisions `(B, D)`."""
+    return 1 + tree.num_roots + (tree.ratio**2 - 1) * split_mask.sum(-1)
 
 
 def gathered_token_index(
-    split_mask: torch.Tensor, ratio: int, length: int | None = None
+    split_mask: torch.Tensor, tree: ScaleTree, length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate indices of each image's active tokens in gathered order, padded to a common length.
 
     Args:
-        split_mask: `(B, Nc)` bool, True where a region is split.
-        ratio: `r`, fine patches per coarse side.
+        split_mask: `(B, D)` bool effective decisions (`close_splits`).
+        tree: the image size's `ScaleTree`.
         length: the padded length; `None` uses the longest image of the batch (one host synchronisation). Pass it when
             it is known statically (fixed-budget mode) to keep the computation free of data-dependent shapes.
 
@@ -120,26 +329,17 @@ def gathered_token_index(
         `index` `(B, L)` long into the candidate layout, and `valid` `(B, L)` bool, False on padding. Padding positions
         hold indices of inactive candidates, so gathering with `index` never reads out of range.
     """
-    batch_size, num_coarse = split_mask.shape
-    children = ratio * ratio
-    device = split_mask.device
-    cells = torch.arange(num_coarse, device=device)
-    # per region, one slot for its coarse token followed by one per child: (Nc, 1 + r**2)
-    slot_index = torch.cat(
-        [cells[:, None], num_coarse + cells[:, None] * children + torch.arange(children, device=device)], dim=1
-    ).flatten()
-    slot_active = torch.cat([~split_mask[..., None], split_mask[..., None].expand(-1, -1, children)], dim=-1)
-    slot_active = slot_active.flatten(1)
-    # the permutation of a stable sort that moves active slots to the front, each group keeping its (region, child)
+    slot_active = candidate_active_mask(split_mask, tree)[:, tree.slot_order]
+    # the permutation of a stable sort that moves active slots to the front, each group keeping its depth-first
     # order, from two running counts (cumsum + scatter export to ONNX; a stable sort does not)
     active_rank = slot_active.cumsum(1) - 1
     counts = active_rank[:, -1] + 1
     inactive_rank = counts[:, None] + (~slot_active).cumsum(1) - 1
     destination = torch.where(slot_active, active_rank, inactive_rank)
-    index = torch.empty_like(destination).scatter_(1, destination, slot_index.expand_as(destination))
+    index = torch.empty_like(destination).scatter_(1, destination, tree.slot_order.expand_as(destination))
     if length is None:
         length = int(counts.max())
-    valid = torch.arange(length, device=device)[None, :] < counts[:, None]
+    valid = torch.arange(length, device=split_mask.device)[None, :] < counts[:, None]
     return index[:, :length], valid
 
 
@@ -196,70 +396,50 @@ def length_buckets(token_counts: torch.Tensor, batch_size: int) -> list[torch.Te
     return list(token_counts.argsort(stable=True).split(batch_size))
 
 
-def fine_cell_candidates(coarse_grid: tuple[int, int], ratio: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every fine grid cell in raster order, its own fine candidate and its coarse parent: two `(Hf * Wf,)` long
-    tensors of candidate indices."""
-    coarse_h, coarse_w = coarse_grid
-    rows = torch.arange(coarse_h * ratio, device=device)[:, None]
-    cols = torch.arange(coarse_w * ratio, device=device)[None, :]
-    parent = (rows // ratio) * coarse_w + cols // ratio
-    child = (rows % ratio) * ratio + cols % ratio
-    num_coarse = coarse_h * coarse_w
-    return (num_coarse + parent * ratio * ratio + child).flatten(), parent.flatten()
-
-
 def tokens_to_grid(
-    hidden_states: torch.Tensor,
-    token_index: torch.Tensor,
-    token_mask: torch.Tensor,
-    coarse_grid: tuple[int, int],
-    ratio: int,
+    hidden_states: torch.Tensor, token_index: torch.Tensor, token_mask: torch.Tensor, tree: ScaleTree
 ) -> torch.Tensor:
-    """Scatter a mixed-scale token sequence back onto the dense fine grid: `(B, D, Hf, Wf)`.
+    """Scatter a mixed-scale token sequence back onto the dense finest grid: `(B, D, Hf, Wf)`.
 
-    A coarse token fills the `r x r` fine cells of its region, a fine token its own cell; CLS, padding and inactive
-    candidates are dropped. Works for both execution paths, since it reads only which candidate each position holds.
+    A token of level `l` fills the `r**l x r**l` finest cells it covers, a finest token its own cell; CLS, padding and
+    inactive candidates are dropped. Works for both execution paths, since it reads only which candidate each
+    position holds.
 
     Args:
         hidden_states: `(B, L, D)` per-position vectors (encoder outputs, or anything computed per token).
         token_index: `(B, L)` long, 0 for CLS and `1 + c` for candidate `c` (as `MSViTModel` returns it).
         token_mask: `(B, L)` bool, True on active tokens (CLS included).
-        coarse_grid: `(Hc, Wc)` of the input image.
-        ratio: `r`, fine patches per coarse side.
+        tree: the image size's `ScaleTree` (`MSViTModel.scale_tree(height, width)`).
 
-    Every fine cell is covered by exactly one active token (its own fine token or its parent's coarse token) when the
-    mask comes from one decision per region, as every MSViT output does.
+    Every finest cell is covered by exactly one active token when the mask comes from top-down decisions, as every
+    MSViT output does.
     """
     batch_size, length, dim = hidden_states.shape
-    num_coarse = coarse_grid[0] * coarse_grid[1]
-    num_candidates = num_coarse * (1 + ratio * ratio)
+    num_candidates = tree.num_candidates
     is_candidate = token_mask & (token_index > 0)
-    # position of each active candidate in the sequence, -1 if inactive; one extra slot absorbs everything else
+    # position of each active candidate in the sequence, -1 if inactive; one extra slot (-1) absorbs everything else
     slot = torch.where(is_candidate, token_index - 1, num_candidates)
     positions = torch.arange(length, device=token_index.device).expand(batch_size, -1)
     position_of = torch.full((batch_size, num_candidates + 1), -1, dtype=torch.long, device=token_index.device)
-    position_of = position_of.scatter(1, slot, torch.where(is_candidate, positions, -1))[:, :num_candidates]
-    fine, parent = fine_cell_candidates(coarse_grid, ratio, token_index.device)
-    fine_position, parent_position = position_of[:, fine], position_of[:, parent]
-    source = torch.where(fine_position >= 0, fine_position, parent_position)
+    position_of = position_of.scatter(1, slot, torch.where(is_candidate, positions, -1))
+    # each finest cell reads its own token, else the nearest active ancestor's
+    source = position_of[:, tree.cell_chain[0]]
+    for chain in tree.cell_chain[1:]:
+        source = torch.where(source >= 0, source, position_of[:, chain])
     grid = gather_tokens(hidden_states, source)
-    fine_h, fine_w = coarse_grid[0] * ratio, coarse_grid[1] * ratio
-    return grid.transpose(1, 2).reshape(batch_size, dim, fine_h, fine_w)
+    return grid.transpose(1, 2).reshape(batch_size, dim, *tree.fine_grid)
 
 
-def token_sizes(token_index: torch.Tensor, num_coarse: int, ratio: int) -> torch.Tensor:
-    """Fine grid cells each candidate position stands for `(B, L)`, whether active or not: `r**2` for a coarse token,
-    1 for a fine token and for CLS (index 0), from a `(B, L)` token index (`1 + c` for candidate `c`)."""
-    is_coarse = (token_index > 0) & (token_index <= num_coarse)  # index 1 + c, so coarse c < Nc is <= Nc
-    return torch.where(is_coarse, ratio * ratio, 1)
+def token_sizes(token_index: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Finest grid cells each candidate position stands for `(B, L)`, whether active or not: `r**(2l)` for a token of
+    level `l`, 1 for a finest token and for CLS (index 0), from a `(B, L)` token index (`1 + c` for candidate `c`)."""
+    return torch.cat([tree.cells.new_ones(1), tree.cells])[token_index]
 
 
-def token_cell_counts(
-    token_index: torch.Tensor, token_mask: torch.Tensor, num_coarse: int, ratio: int
-) -> torch.Tensor:
-    """Fine grid cells each position stands for `(B, L)`: `r**2` for an active coarse token, 1 for an active fine
-    token, 0 for CLS, padding and inactive candidates."""
-    return torch.where(token_mask & (token_index > 0), token_sizes(token_index, num_coarse, ratio), 0)
+def token_cell_counts(token_index: torch.Tensor, token_mask: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Finest grid cells each position stands for `(B, L)`: `token_sizes` on active tokens, 0 for CLS, padding and
+    inactive candidates."""
+    return torch.where(token_mask & (token_index > 0), token_sizes(token_index, tree), 0)
 
 
 def attention_key_bias(key_cells: torch.Tensor, dtype: torch.dtype, query_length: int) -> torch.Tensor:
@@ -275,27 +455,52 @@ def attention_key_bias(key_cells: torch.Tensor, dtype: torch.dtype, query_length
 
 
 def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
-    """Split exactly `num_split` regions per image, those with the highest logits: `(B, Nc)` bool."""
+    """Mark exactly `num_split` nodes per image, those with the highest logits: `(B, D)` bool."""
     split_mask = torch.zeros_like(split_logits, dtype=torch.bool)
     if num_split == 0:
         return split_mask
     return split_mask.scatter(1, split_logits.topk(num_split, dim=1).indices, True)
 
 
+def budget_split_mask(split_logits: torch.Tensor, num_split: int, tree: ScaleTree) -> torch.Tensor:
+    """Split exactly `num_split` nodes per image, top-down by the gate's ranking: `(B, D)` effective decisions.
+
+    This is best-first expansion (always split the highest-scoring node whose parent is split), computed in one
+    `topk`: a node's key is the smaller of its logit and the float just below its parent's key, so every child
+    ranks strictly below its parent and any top-k set holds its nodes' ancestors. With two scales the key is the
+    logit, and this is `topk_split_mask`.
+    """
+    key = split_logits
+    if tree.num_scales > 2:
+        key = split_logits.float()
+        for _ in range(tree.num_scales - 2):
+            parent_key = _parent_values(key, tree, float("inf"))[:, : tree.num_decisions]
+            key = torch.minimum(
+                split_logits.float(), torch.nextafter(parent_key, parent_key.new_tensor(-float("inf")))
+            )
+    return topk_split_mask(key, num_split)
+
+
 __all__ = [
+    "ScaleTree",
     "attention_key_bias",
+    "budget_split_mask",
+    "build_scale_tree",
+    "by_decision",
     "candidate_active_mask",
     "candidate_mask_values",
-    "candidate_patches",
-    "fine_cell_candidates",
+    "candidate_positions",
+    "close_splits",
     "gather_tokens",
     "gathered_token_index",
-    "group_fine_grid",
+    "grid_patches",
     "length_buckets",
+    "level_images",
+    "level_regions",
     "packed_token_rows",
     "padded_token_rows",
     "patchify",
-    "pool_fine_grid",
+    "reachable_decisions",
     "region_neighbourhoods",
     "token_cell_counts",
     "token_counts",

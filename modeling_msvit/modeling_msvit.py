@@ -5,7 +5,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,23 +31,29 @@ from .gate_losses import (
 )
 from .macs_msvit import encoder_macs, mlp_macs
 from .mixed_scale_tokens import (
+    TREE_TENSORS,
+    ScaleTree,
     attention_key_bias,
+    budget_split_mask,
+    build_scale_tree,
+    by_decision,
     candidate_active_mask,
     candidate_mask_values,
-    candidate_patches,
+    candidate_positions,
+    close_splits,
     gather_tokens,
     gathered_token_index,
-    group_fine_grid,
+    grid_patches,
+    level_images,
+    level_regions,
     packed_token_rows,
     padded_token_rows,
-    patchify,
-    pool_fine_grid,
+    reachable_decisions,
     region_neighbourhoods,
     token_cell_counts,
     token_counts,
     token_sizes,
     tokens_to_grid,
-    topk_split_mask,
 )
 
 
@@ -73,16 +79,19 @@ class MSViTModelOutput(ModelOutput):
         True where a position holds an active token, False on padding (gathered) or inactive candidates (masked).
     token_index (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
         For each position, 0 for CLS, else `1 + c` where `c` indexes the candidate layout: coarse region `j` is
-        `c = j`, fine child `k` of region `j` is `c = Nc + j * r**2 + k` (see `mixed_scale_tokens`).
-    split_mask (`torch.BoolTensor` of shape `(batch_size, num_coarse)`):
-        Hard decisions per coarse region (raster order), True = split into fine tokens.
-    split_probs (`torch.FloatTensor` of shape `(batch_size, num_coarse)`):
+        `c = j`, fine child `k` of region `j` is `c = Nc + j * r**2 + k` (two patch sizes; with more, see
+        `mixed_scale_tokens` and `MSViTModel.scale_tree`).
+    split_mask (`torch.BoolTensor` of shape `(batch_size, num_decisions)`):
+        Hard decisions per coarse region (raster order), True = split into fine tokens. With more than two patch
+        sizes, one per node of the region tree (`ScaleTree`), True where the node and all its ancestors split.
+    split_probs (`torch.FloatTensor` of shape `(batch_size, num_decisions)`):
         The gate's split probability per region, `sigmoid(split_logits)`.
-    split_logits (`torch.FloatTensor` of shape `(batch_size, num_coarse)`):
+    split_logits (`torch.FloatTensor` of shape `(batch_size, num_decisions)`):
         The gate's score per region; the fixed budget splits the highest. A gate trained with the counterfactual
         objective predicts `config.counterfactual_target_scale` times the loss drop of splitting the region.
     token_counts (`torch.LongTensor` of shape `(batch_size,)`):
-        Active tokens per image including CLS: `1 + Nc + (r**2 - 1) * #split`.
+        Active tokens per image including CLS: `1 + Nc + (r**2 - 1) * #split` (`1 + roots + ...` with a region
+        tree).
     gate_loss (`torch.FloatTensor` of shape `()`):
         The straight-through objective's compute-budget loss on the gate's sampled decisions
         (`config.gate_loss_type`), unweighted; training only (None at inference, where the budget or threshold sets
@@ -226,7 +235,10 @@ class MSViTRuleScore(nn.Module):
 
 
 class MSViTGate(nn.Module):
-    """The gate: a small MLP that reads one coarse region and outputs the logit of splitting it.
+    """The gate: a small MLP that reads one region and outputs the logit of splitting it.
+
+    With more than two patch sizes one MLP serves every decision level, reading each region at the same resolution,
+    with one learned prior logit per level (`split_logit_bias`).
 
     With `config.gate_residual_rule` it is a residual gate: `logit = rule_scale * score + bias + MLP(region)`, `score`
     the training-free rule's score of the region (`MSViTRuleScore`, in [0, 1]), `rule_scale` 1, `bias` 0 and the MLP's
@@ -239,9 +251,9 @@ class MSViTGate(nn.Module):
         sizes = self.layer_sizes(config)
         self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]))
         self.layers.append(nn.Linear(sizes[-2], 1, bias=False))
-        # the output bias is the gate's prior split logit (initialised in `_init_weights`); shape (1,) because FSDP2
-        # cannot shard 0-d parameters
-        self.split_logit_bias = nn.Parameter(torch.zeros(1))
+        # the output bias is the gate's prior split logit per decision level (initialised in `_init_weights`); shape
+        # (levels,) with two sizes (1,), because FSDP2 cannot shard 0-d parameters
+        self.split_logit_bias = nn.Parameter(torch.zeros(config.num_scales - 1))
         self.activation = nn.GELU()
         self.rule_score = None
         if config.gate_residual_rule is not None:
@@ -251,25 +263,28 @@ class MSViTGate(nn.Module):
     @staticmethod
     def layer_sizes(config: MSViTConfig) -> list[int]:
         """Input, hidden and output sizes of the MLP, from what the gate reads (`config.gate_input`)."""
+        region_size = config.scale_sizes[1]  # every region is read at the second patch size
         if config.gate_input == "pixels":
-            input_size = config.num_channels * config.coarse_patch_size**2
+            input_size = config.num_channels * region_size**2
         elif config.gate_input == "neighbourhood":
-            input_size = config.num_channels * (config.coarse_patch_size**2 + 9 * config.patch_size**2)
+            input_size = config.num_channels * (region_size**2 + 9 * config.patch_size**2)
         elif config.gate_input == "coarse_embedding":
             input_size = config.hidden_size
         else:
             input_size = config.num_channels * config.patch_size**2
         return [input_size] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
 
-    def forward(self, regions: torch.Tensor, full_regions: torch.Tensor | None = None) -> torch.Tensor:
-        """Split logits `(B, Nc)` from the gate's inputs `(B, Nc, F)`; a residual gate's rule also reads the
-        full-resolution regions `(B, Nc, P)`."""
+    def forward(
+        self, regions: torch.Tensor, rule_scores: torch.Tensor | None, decision_levels: torch.Tensor
+    ) -> torch.Tensor:
+        """Split logits `(B, D)` from the gate's inputs `(B, D, F)`, the rule's scores `(B, D)` (a residual gate) and
+        each decision's level `(D,)` (1 for the coarse regions of two sizes)."""
         hidden_states = regions
         for layer in self.layers[:-1]:
             hidden_states = self.activation(layer(hidden_states))
-        split_logits = self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias
+        split_logits = self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias[decision_levels - 1]
         if self.rule_score is not None:
-            split_logits = split_logits + self.rule_scale * self.rule_score(full_regions).to(split_logits.dtype)
+            split_logits = split_logits + self.rule_scale * rule_scores.to(split_logits.dtype)
         return split_logits
 
 
@@ -281,24 +296,26 @@ class MSViTContentGate(nn.Module):
         super().__init__()
         self.rule_score = MSViTRuleScore(config, config.gate_type)
 
-    def forward(self, regions: torch.Tensor, full_regions: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.logit(self.rule_score(regions), eps=1e-6)
+    def forward(
+        self, regions: torch.Tensor | None, rule_scores: torch.Tensor, decision_levels: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.logit(rule_scores, eps=1e-6)
 
 
 class MSViTEmbeddings(nn.Module):
     """
     Construct the CLS token and the gated mixed-scale patch tokens with their position embeddings.
 
-    The gate reads every coarse region and decides to keep it as one coarse token or split it into its `r**2` fine
-    tokens. Coarse regions are area-downscaled to the fine patch size and embedded with the same patch embedding as
-    fine patches; coarse position embeddings are the `r x r` averages of their children's.
+    The gate reads every region larger than `patch_size` and decides to keep it as one token or split it into its
+    `r**2` children, top-down (`mixed_scale_tokens`). Every region is area-downscaled to `patch_size` and embedded
+    with the same patch embedding as the finest patches; its position embedding is the average of those of the
+    finest cells it covers.
     """
 
     def __init__(self, config: MSViTConfig):
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
-        self.ratio = config.scale_ratio
         self.cls_token = nn.Parameter(torch.randn(1, 1, config.hidden_size))
         self.patch_embeddings = MSViTPatchEmbeddings(config)
         self.coarse_patch_embeddings = MSViTPatchEmbeddings(config) if config.separate_coarse_embedding else None
@@ -306,10 +323,25 @@ class MSViTEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.randn(1, 1 + fine_height * fine_width, config.hidden_size))
         self.gate = MSViTGate(config) if config.gate_type == "learned" else MSViTContentGate(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # the configured image size's token tree (recomputed in `_init_weights`): constants for `torch.compile`
+        # the configured image size's token tree: its tensors as buffers (recomputed in `_init_weights`), so that
+        # they follow the model's device and are constants for `torch.compile`, and its sizes as plain attributes
+        self.configured_tree = build_scale_tree(config.fine_grid_size, config.scale_ratio, config.num_scales)
+        for name in TREE_TENSORS:
+            self.register_buffer(f"tree_{name}", getattr(self.configured_tree, name).clone(), persistent=False)
 
-    def candidate_position_embeddings(self, height: int, width: int, interpolate_pos_encoding: bool) -> torch.Tensor:
-        """Position embeddings `(Nc + Nf, hidden_size)` of all candidate tokens, in candidate layout."""
-        fine_height, fine_width = height // self.patch_size, width // self.patch_size
+    def scale_tree(self, height: int, width: int) -> ScaleTree:
+        """The `ScaleTree` of a `height x width` image, on the model's device."""
+        fine_grid = (height // self.patch_size, width // self.patch_size)
+        if fine_grid == self.configured_tree.fine_grid:
+            return replace(self.configured_tree, **{name: getattr(self, f"tree_{name}") for name in TREE_TENSORS})
+        return build_scale_tree(fine_grid, self.config.scale_ratio, self.config.num_scales, self.tree_level.device)
+
+    def candidate_position_embeddings(
+        self, height: int, width: int, tree: ScaleTree, interpolate_pos_encoding: bool
+    ) -> torch.Tensor:
+        """Position embeddings `(N, hidden_size)` of all candidate tokens, in candidate layout."""
+        fine_height, fine_width = tree.fine_grid
         base_height, base_width = self.config.fine_grid_size
         fine_grid = self.position_embeddings[0, 1:].reshape(base_height, base_width, -1)
         if (fine_height, fine_width) != (base_height, base_width):
@@ -318,15 +350,15 @@ class MSViTEmbeddings(nn.Module):
                     f"Input image size ({height}x{width}) doesn't match the model's image_size "
                     f"({base_height * self.patch_size}x{base_width * self.patch_size}). Resize the image with the "
                     "model's image processor, or pass `interpolate_pos_encoding=True` to interpolate the position "
-                    "embeddings (height and width must stay multiples of `coarse_patch_size`)."
+                    "embeddings (height and width must stay multiples of `patch_size`)."
                 )
             fine_grid = F.interpolate(
                 fine_grid.permute(2, 0, 1)[None], size=(fine_height, fine_width), mode="bicubic", align_corners=False
             )[0].permute(1, 2, 0)
-        return torch.cat([pool_fine_grid(fine_grid, self.ratio), group_fine_grid(fine_grid, self.ratio)], dim=0)
+        return candidate_positions(fine_grid, tree)
 
     def embed_patches(
-        self, patches: torch.Tensor, index: torch.Tensor, num_coarse: int, positions: torch.Tensor
+        self, patches: torch.Tensor, index: torch.Tensor, num_decisions: int, positions: torch.Tensor
     ) -> torch.Tensor:
         """Patch plus position embeddings `(B, L, D)` of the patches `(B, L, P)` at candidate `index` `(B, L)`.
 
@@ -339,67 +371,86 @@ class MSViTEmbeddings(nn.Module):
         tokens = tokens.view(start.shape[0], start.shape[1], -1)
         if self.coarse_patch_embeddings is not None:
             coarse = self.coarse_patch_embeddings(patches) + gather_tokens(positions, index)
-            tokens = torch.where((index < num_coarse)[..., None], coarse, tokens)
+            tokens = torch.where((index < num_decisions)[..., None], coarse, tokens)
         return tokens
 
-    def gate_split_logits(self, pixel_values: torch.Tensor, coarse_patches: torch.Tensor) -> torch.Tensor:
-        """The gate's split logits `(B, Nc)`, from what it reads (`config.gate_input`; a rule reads the
-        full-resolution regions)."""
+    def gate_split_logits(self, images: list[torch.Tensor], patches: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+        """The gate's split logits `(B, D)`, from what it reads (`config.gate_input`; a rule reads the regions at full
+        resolution). `images` and `patches` are `level_images` and `grid_patches`."""
         config = self.config
-        needs_full = config.gate_type != "learned" or config.gate_input in ("pixels", "neighbourhood")
-        full_regions = (
-            patchify(pixel_values, config.coarse_patch_size) if needs_full or config.gate_residual_rule else None
-        )
-        if config.gate_type != "learned" or config.gate_input == "pixels":
-            inputs = full_regions
-        elif config.gate_input == "neighbourhood":
-            inputs = torch.cat([full_regions, region_neighbourhoods(pixel_values, self.patch_size, self.ratio)], -1)
-        elif config.gate_input == "coarse_embedding":
-            inputs = (self.coarse_patch_embeddings or self.patch_embeddings)(coarse_patches)
-        else:
-            inputs = coarse_patches
-        return self.gate(inputs, full_regions)
+        rule_scores = None
+        if self.gate.rule_score is not None:
+            full_regions = level_regions(images, tree, self.patch_size, full=True)
+            rule_scores = by_decision([self.gate.rule_score(regions) for regions in full_regions], tree)
+        inputs = None
+        if config.gate_type == "learned" and config.gate_input in ("pixels", "neighbourhood"):
+            per_level = level_regions(images, tree, self.patch_size, full=False)
+            if config.gate_input == "neighbourhood":
+                contexts = region_neighbourhoods(images, tree, self.patch_size)
+                per_level = [torch.cat(pair, dim=-1) for pair in zip(per_level, contexts)]
+            inputs = by_decision(per_level, tree)
+        elif config.gate_type == "learned":
+            inputs = patches.index_select(1, tree.grid_row[: tree.num_decisions])
+            if config.gate_input == "coarse_embedding":
+                inputs = (self.coarse_patch_embeddings or self.patch_embeddings)(inputs)
+        return self.gate(inputs, rule_scores, tree.decision_levels)
 
     def decide(
-        self, split_logits: torch.Tensor, split_probs: torch.Tensor, split_mask: torch.Tensor | None
+        self,
+        split_logits: torch.Tensor,
+        split_probs: torch.Tensor,
+        split_mask: torch.Tensor | None,
+        tree: ScaleTree,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return (split values multiplying the tokens, hard split mask, soft values for the gate loss or None)."""
+        """Return (split values multiplying the tokens, effective split mask, soft values for the gate loss or
+        None)."""
         if split_mask is not None:
+            split_mask = close_splits(split_mask, tree)
             return split_mask.to(split_logits.dtype), split_mask, None
         learned = self.config.gate_type == "learned"
         if self.training and learned and self.config.gate_objective == "counterfactual":
-            hard = sample_training_layouts(split_logits, self.config.counterfactual_layouts)
+            hard = close_splits(sample_training_layouts(split_logits, self.config.counterfactual_layouts), tree)
             return hard.to(split_logits.dtype), hard, None
         if self.training and learned:
-            # Gumbel-sigmoid with a straight-through estimator: hard 0/1 forward, soft gradient
+            # Gumbel-sigmoid with a straight-through estimator: hard 0/1 forward, soft gradient; the token multipliers
+            # (`candidate_mask_values`) multiply every ancestor's value, so marks under a kept node count for nothing
             split_soft = gumbel_sigmoid(split_logits, self.config.gate_temperature)
-            hard = split_soft > 0.5
-            return hard.to(split_soft.dtype) - split_soft.detach() + split_soft, hard, split_soft
-        hard = self.inference_split_mask(split_logits, split_probs)
+            marked = split_soft > 0.5
+            return (
+                marked.to(split_soft.dtype) - split_soft.detach() + split_soft,
+                close_splits(marked, tree),
+                split_soft,
+            )
+        hard = self.inference_split_mask(split_logits, split_probs, tree)
         # no gate loss at inference: it would only cost time, and gBaS's per-position priors fix the grid size
         return hard.to(split_logits.dtype), hard, None
 
-    def inference_split_mask(self, split_logits: torch.Tensor, split_probs: torch.Tensor) -> torch.Tensor:
-        """Inference decisions `(B, Nc)`: the budget's top regions, or those whose split probability exceeds the
-        threshold."""
+    def inference_split_mask(
+        self, split_logits: torch.Tensor, split_probs: torch.Tensor, tree: ScaleTree
+    ) -> torch.Tensor:
+        """Inference decisions `(B, D)`: the budget's top regions (top-down), or those whose split probability exceeds
+        their level's threshold under a split parent."""
         if self.config.fine_ratio_budget is not None:
-            return topk_split_mask(split_logits, self.num_split_in_budget(split_logits.shape[1]))
-        return split_probs > self.config.gate_threshold
+            return budget_split_mask(split_logits, self.num_split_in_budget(tree.num_decisions), tree)
+        threshold = self.config.gate_threshold
+        if not isinstance(threshold, (int, float)):
+            threshold = split_probs.new_tensor(threshold)[(tree.decision_levels - 1).clamp(max=len(threshold) - 1)]
+        return close_splits(split_probs > threshold, tree)
 
     def predict_split_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The gate's split logits `(B, Nc)` for these images, without embedding any token."""
-        height, width = pixel_values.shape[-2:]
-        num_coarse = (height // self.config.coarse_patch_size) * (width // self.config.coarse_patch_size)
-        coarse_patches = candidate_patches(pixel_values, self.patch_size, self.ratio)[:, :num_coarse]
-        return self.gate_split_logits(pixel_values, coarse_patches)
+        """The gate's split logits `(B, D)` for these images, without embedding any token."""
+        tree = self.scale_tree(*pixel_values.shape[-2:])
+        images = level_images(pixel_values, tree, self.patch_size)
+        return self.gate_split_logits(images, grid_patches(images, tree, self.patch_size), tree)
 
     def predict_split_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The inference decisions `(B, Nc)` for these images from the gate alone."""
+        """The inference decisions `(B, D)` for these images from the gate alone."""
         split_logits = self.predict_split_logits(pixel_values)
-        return self.inference_split_mask(split_logits, torch.sigmoid(split_logits))
+        tree = self.scale_tree(*pixel_values.shape[-2:])
+        return self.inference_split_mask(split_logits, torch.sigmoid(split_logits), tree)
 
-    def num_split_in_budget(self, num_coarse: int) -> int:
-        return round(self.config.fine_ratio_budget * num_coarse)
+    def num_split_in_budget(self, num_decisions: int) -> int:
+        return round(self.config.fine_ratio_budget * num_decisions)
 
     def forward(
         self,
@@ -409,44 +460,44 @@ class MSViTEmbeddings(nn.Module):
         interpolate_pos_encoding: bool = False,
     ) -> MixedScaleTokens:
         batch_size, _, height, width = pixel_values.shape
-        num_coarse = (height // self.config.coarse_patch_size) * (width // self.config.coarse_patch_size)
-        candidates = candidate_patches(pixel_values, self.patch_size, self.ratio)
-        coarse_patches = candidates[:, :num_coarse]
-        split_logits = self.gate_split_logits(pixel_values, coarse_patches)
+        tree = self.scale_tree(height, width)
+        images = level_images(pixel_values, tree, self.patch_size)
+        patches = grid_patches(images, tree, self.patch_size)
+        split_logits = self.gate_split_logits(images, patches, tree)
         budgeted = (
             split_mask is None
             and self.config.fine_ratio_budget is not None
             and (not self.training or self.config.gate_type != "learned")
         )
         split_probs = torch.sigmoid(split_logits)
-        split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask)
+        split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask, tree)
 
-        positions = self.candidate_position_embeddings(height, width, interpolate_pos_encoding)
+        positions = self.candidate_position_embeddings(height, width, tree, interpolate_pos_encoding)
+        growth = tree.ratio**2 - 1  # tokens added by one split
         packed = None
         if token_path == "masked":
-            index = torch.arange(candidates.shape[1], device=candidates.device).expand(batch_size, -1)
-            valid = candidate_active_mask(split_mask, self.ratio)
+            index = torch.arange(tree.num_candidates, device=patches.device).expand(batch_size, -1)
+            valid = candidate_active_mask(split_mask, tree)
             padded, has_coarse = True, True
         else:
             if budgeted:
                 # fixed budget: every image has the same length, known without looking at the data; no padding, and
                 # coarse tokens exactly when not every region is split
-                num_split = self.num_split_in_budget(num_coarse)
-                length = num_coarse + (self.ratio**2 - 1) * num_split
-                padded, has_coarse = False, num_split < num_coarse
+                num_split = self.num_split_in_budget(tree.num_decisions)
+                length = tree.num_roots + growth * num_split
+                padded, has_coarse = False, num_split < tree.num_decisions
             else:
-                counts = token_counts(split_mask, self.ratio)
+                counts = token_counts(split_mask, tree)
                 host_counts = counts.tolist()  # the one host synchronisation of a ragged batch
                 longest, shortest, total = max(host_counts), min(host_counts), sum(host_counts)
                 length = longest - 1  # CLS comes later
-                padded, has_coarse = shortest < longest, shortest < 1 + num_coarse * self.ratio**2
+                padded, has_coarse = shortest < longest, shortest < 1 + tree.num_fine
                 if padded and not self.training and self.config.ragged_execution == "packed":
                     packed = PackedTokens(
                         rows=packed_token_rows(counts, longest, total), padded_rows=padded_token_rows(counts, longest)
                     )
-            index, valid = gathered_token_index(split_mask, self.ratio, length)
-            candidates = gather_tokens(candidates, index)
-        tokens = self.embed_patches(candidates, index, num_coarse, positions)
+            index, valid = gathered_token_index(split_mask, tree, length)
+        tokens = self.embed_patches(gather_tokens(patches, tree.grid_row[index]), index, tree.num_decisions, positions)
         token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
         token_index = torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1)
         size_aware = self.config.size_aware_attention
@@ -454,12 +505,12 @@ class MSViTEmbeddings(nn.Module):
         if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":
             # DynamicViT-style: the straight-through values weight the keys inside the softmax, so the gate also
             # hears from the alternative it did not choose (inactive tokens keep their values)
-            mask_values = candidate_mask_values(split_values, self.ratio)
+            mask_values = candidate_mask_values(split_values, tree)
             key_weights = torch.cat([mask_values.new_ones(batch_size, 1), mask_values], dim=1)
-            if size_aware:  # a coarse key counts as the r**2 cells it covers
-                key_weights = key_weights * token_sizes(token_index, num_coarse, self.ratio)
+            if size_aware:  # a larger key counts as the finest cells it covers
+                key_weights = key_weights * token_sizes(token_index, tree)
         elif split_values.requires_grad:
-            tokens = tokens * candidate_mask_values(split_values, self.ratio).gather(1, index)[..., None]
+            tokens = tokens * candidate_mask_values(split_values, tree).gather(1, index)[..., None]
 
         cls_tokens = (self.cls_token + self.position_embeddings[:, :1]).expand(batch_size, -1, -1)
         embeddings = self.dropout(torch.cat([cls_tokens, tokens.to(cls_tokens.dtype)], dim=1))
@@ -467,7 +518,7 @@ class MSViTEmbeddings(nn.Module):
         if key_weights is None:
             if size_aware and (padded or has_coarse):
                 # log(cells) on every key: log r**2 raises a coarse key's scores, masked keys get -inf
-                key_cells = torch.where(token_mask, token_sizes(token_index, num_coarse, self.ratio), 0)
+                key_cells = torch.where(token_mask, token_sizes(token_index, tree), 0)
                 attention_mask = attention_key_bias(key_cells, embeddings.dtype, embeddings.shape[1])
             elif padded:
                 attention_mask = token_mask
@@ -667,6 +718,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
         if isinstance(module, MSViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+            for name in TREE_TENSORS:
+                init.copy_(getattr(module, f"tree_{name}"), getattr(module.configured_tree, name))
         elif isinstance(module, MSViTGateLoss) and hasattr(module, "prior_mean_logits"):
             init.constant_(module.prior_mean_logits, self._target_logit())
             init.constant_(module.prior_log_temperatures, math.log(self.config.gate_prior_temperature))
@@ -686,17 +739,19 @@ class MSViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MSViTMaskTransformerDecoder):
             init.trunc_normal_(module.class_embeddings, mean=0.0, std=self.config.initializer_range)
 
-    def set_budget(self, fine_ratio: float | None = None, threshold: float | None = None) -> None:
+    def set_budget(self, fine_ratio: float | None = None, threshold: float | list[float] | None = None) -> None:
         """Change the inference compute of a trained model, without retraining (give exactly one argument).
 
         Args:
-            fine_ratio: split exactly `round(fine_ratio * num_coarse)` regions per image, those with the highest split
-                logits. Every image then has the same token count, known before the forward pass: the static path
-                of `torch.compile(fullgraph=True)`, `torch.export` and ONNX.
-            threshold: split every region whose split probability exceeds it; token counts vary per image, and the
-                batch runs packed (`config.ragged_execution`; `predict_token_counts` helps batch images of similar
-                counts together). Clears a fine-ratio budget. For a gate trained with the counterfactual objective
-                this splits the regions whose predicted loss drop exceeds
+            fine_ratio: split exactly `round(fine_ratio * D)` regions per image (`D` the gate's decisions: the coarse
+                regions with two patch sizes), those with the highest split logits, top-down with more sizes (a
+                region only under a split parent). Every image then has the same token count, known before the
+                forward pass: the static path of `torch.compile(fullgraph=True)`, `torch.export` and ONNX.
+            threshold: split every region whose split probability exceeds it (under a split parent); token counts
+                vary per image, and the batch runs packed (`config.ragged_execution`; `predict_token_counts` helps
+                batch images of similar counts together). With more than two patch sizes it may be a list, one
+                threshold per decision level, finest first. Clears a fine-ratio budget. For a gate trained with the
+                counterfactual objective this splits the regions whose predicted loss drop exceeds
                 `logit(threshold) / config.counterfactual_target_scale` nats.
 
         Both are stored in the config (`fine_ratio_budget`, `gate_threshold`), so they are saved with the model.
@@ -710,11 +765,16 @@ class MSViTPreTrainedModel(PreTrainedModel):
             )
         if fine_ratio is not None and not 0.0 <= fine_ratio <= 1.0:
             raise ValueError(f"`fine_ratio` must lie in [0, 1], got {fine_ratio}.")
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise ValueError(f"`threshold` must lie in (0, 1), got {threshold}.")
-        self.config.fine_ratio_budget = fine_ratio
         if threshold is not None:
-            self.config.gate_threshold = threshold
+            values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+            levels = self.config.num_scales - 1
+            if len(values) not in (1, levels) or not all(0.0 < value < 1.0 for value in values):
+                raise ValueError(
+                    f"`threshold` must lie in (0, 1): one value, or one per decision level ({levels}, finest first), "
+                    f"got {threshold}."
+                )
+            self.config.gate_threshold = values[0] if isinstance(threshold, (int, float)) else values
+        self.config.fine_ratio_budget = fine_ratio
 
     @torch.no_grad()
     def predict_token_counts(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -740,7 +800,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
         self.base_model._check_inputs(pixel_values, None, "gathered")
         embeddings = self.base_model.embeddings
         pixel_values = pixel_values.to(embeddings.patch_embeddings.projection.weight.dtype)
-        return token_counts(embeddings.predict_split_mask(pixel_values), self.config.scale_ratio)
+        tree = embeddings.scale_tree(*pixel_values.shape[-2:])
+        return token_counts(embeddings.predict_split_mask(pixel_values), tree)
 
     def _target_logit(self) -> float:
         """`logit(target_fine_ratio)`, the target clipped to [0.01, 0.99] so that 0 and 1 stay finite."""
@@ -801,8 +862,10 @@ class MSViTPreTrainedModel(PreTrainedModel):
         if not (self.training and counterfactual and forced_split_mask is None):
             return outputs.gate_loss
         split_mask = outputs.split_mask
-        batch_size, num_coarse = split_mask.shape
-        flips = sample_flips(batch_size, num_coarse, config.counterfactual_flips, split_mask.device)
+        batch_size = split_mask.shape[0]
+        tree = self.base_model.embeddings.scale_tree(*pixel_values.shape[-2:])
+        reachable = reachable_decisions(split_mask, tree)
+        flips = sample_flips(reachable, config.counterfactual_flips, tree.num_decision_roots)
         num_flips = flips.shape[1]
 
         def logits_of(layouts: torch.Tensor) -> torch.Tensor:
@@ -841,25 +904,26 @@ class MSViTPreTrainedModel(PreTrainedModel):
     def compute_macs(self, token_counts: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Per-image MACs `(B,)` from each image's own active token count (CLS included).
 
-        Counts the gate on every coarse region, the patch embedding of every active token, the encoder on the image's
-        own sequence and the head (a segmentation decoder also runs on the image's own tokens). `image_size` defaults
-        to `config.image_size`.
+        Counts the gate on every region it decides, the patch embedding of every active token, the encoder on the
+        image's own sequence and the head (a segmentation decoder also runs on the image's own tokens). `image_size`
+        defaults to `config.image_size`.
         """
         config = self.config
         fine_height, fine_width = config.fine_grid_size
         height, width = image_size or (fine_height * config.patch_size, fine_width * config.patch_size)
-        num_coarse = (height // config.coarse_patch_size) * (width // config.coarse_patch_size)
+        tree = self.base_model.embeddings.scale_tree(height, width)
+        levels = tree.decision_levels.tolist()
         patch_values = config.num_channels * config.patch_size**2
         # a rule reads every value of its region once
-        rule = num_coarse * config.num_channels * config.coarse_patch_size**2
+        rule = sum(config.num_channels * config.scale_sizes[level] ** 2 for level in levels)
         if config.gate_type == "learned":
-            gate = num_coarse * mlp_macs(MSViTGate.layer_sizes(config))
+            gate = tree.num_decisions * mlp_macs(MSViTGate.layer_sizes(config))
             if config.gate_residual_rule is not None:
                 gate += rule
         else:
             gate = rule
         if config.gate_type == "learned" and config.gate_input == "coarse_embedding":
-            gate += num_coarse * patch_values * config.hidden_size
+            gate += tree.num_decisions * patch_values * config.hidden_size
         projections = 2 if config.separate_coarse_embedding else 1
         embedding = (token_counts - 1) * patch_values * config.hidden_size * projections
         encoder = encoder_macs(token_counts, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
@@ -896,6 +960,12 @@ class MSViTPreTrainedModel(PreTrainedModel):
         fields = {name: getattr(vit_config, name) for name in VIT_CONFIG_FIELDS}
         fields["coarse_patch_size"] = 2 * vit_config.patch_size
         fields.update(config_overrides)
+        sizes = fields.get("patch_sizes")
+        if sizes is not None and sizes[0] != vit_config.patch_size:
+            raise ValueError(
+                f"`patch_sizes` must start at the ViT's patch size {vit_config.patch_size}, got {list(sizes)}; e.g. "
+                f"patch_sizes={[vit_config.patch_size * 2**level for level in range(len(sizes))]}."
+            )
         model = cls(MSViTConfig(**fields))
 
         target = model.base_model
@@ -927,6 +997,11 @@ class MSViTModel(MSViTPreTrainedModel):
     def get_input_embeddings(self) -> MSViTPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    def scale_tree(self, height: int, width: int) -> ScaleTree:
+        """The candidate structure of a `height x width` image (`mixed_scale_tokens.ScaleTree`): what `token_index`,
+        `split_mask` and `mixed_scale_tokens.tokens_to_grid` refer to."""
+        return self.embeddings.scale_tree(height, width)
+
     def _check_inputs(self, pixel_values: torch.Tensor | None, split_mask: torch.Tensor | None, token_path: str):
         config = self.config
         if pixel_values is None:
@@ -948,22 +1023,20 @@ class MSViTModel(MSViTPreTrainedModel):
                 "(`config.num_channels`)."
             )
         height, width = pixel_values.shape[-2:]
-        if height % config.coarse_patch_size or width % config.coarse_patch_size:
+        if height % config.patch_size or width % config.patch_size:
             raise ValueError(
-                f"Image size {height}x{width} is not a multiple of `coarse_patch_size` ({config.coarse_patch_size}). "
-                "Resize or pad the images to a multiple of it; MSViT never crops or resizes silently."
+                f"Image size {height}x{width} is not a multiple of `patch_size` ({config.patch_size}). Resize or pad "
+                "the images to a multiple of it; MSViT never crops or resizes silently."
             )
         if token_path not in ("masked", "gathered"):
             raise ValueError(f"`token_path` must be 'masked', 'gathered' or None, got {token_path!r}.")
         if split_mask is not None:
-            expected = (
-                pixel_values.shape[0],
-                (height // config.coarse_patch_size) * (width // config.coarse_patch_size),
-            )
+            expected = (pixel_values.shape[0], self.embeddings.scale_tree(height, width).num_decisions)
             if split_mask.dtype != torch.bool or tuple(split_mask.shape) != expected:
                 raise ValueError(
-                    f"`split_mask` must be a bool tensor of shape {expected} (batch_size, coarse regions in raster "
-                    f"order), got {split_mask.dtype} of shape {tuple(split_mask.shape)}."
+                    f"`split_mask` must be a bool tensor of shape {expected} (batch_size, the gate's decisions: the "
+                    f"coarse regions in raster order with two patch sizes, `mixed_scale_tokens` with more), got "
+                    f"{split_mask.dtype} of shape {tuple(split_mask.shape)}."
                 )
 
     def forward(
@@ -979,13 +1052,15 @@ class MSViTModel(MSViTPreTrainedModel):
     ) -> MSViTModelOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-            Images prepared by the image processor; height and width must be multiples of `coarse_patch_size`.
-        split_mask (`torch.BoolTensor` of shape `(batch_size, num_coarse)`, *optional*):
+            Images prepared by the image processor; height and width must be multiples of `patch_size` (cells that
+            the coarse grid does not hold stay fine).
+        split_mask (`torch.BoolTensor` of shape `(batch_size, num_decisions)`, *optional*):
             Force the decisions (True = split the region) instead of asking the gate; no gate loss is returned then.
+            With more than two patch sizes a mark under a kept region does not count.
         token_path (`str`, *optional*):
             `"masked"` or `"gathered"`; defaults to `config.train_token_path` in training and `"gathered"` otherwise.
         interpolate_pos_encoding (`bool`, *optional*):
-            Interpolate the position embeddings to another image size (a multiple of `coarse_patch_size`).
+            Interpolate the position embeddings to another image size (a multiple of `patch_size`).
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -1047,7 +1122,7 @@ class MSViTModel(MSViTPreTrainedModel):
             split_mask=tokens.split_mask,
             split_probs=tokens.split_probs,
             split_logits=tokens.split_logits,
-            token_counts=token_counts(tokens.split_mask, self.config.scale_ratio),
+            token_counts=token_counts(tokens.split_mask, self.embeddings.scale_tree(*pixel_values.shape[-2:])),
             gate_loss=gate_loss,
         )
         return output if return_dict else output.to_tuple()
@@ -1262,14 +1337,12 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _task_logits(self, outputs: MSViTModelOutput, pixel_values: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        coarse_grid = tuple(side // config.coarse_patch_size for side in pixel_values.shape[-2:])
+        tree = self.msvit.scale_tree(*pixel_values.shape[-2:])
         # CLS takes no part in the dense prediction
         token_index, token_mask = outputs.token_index[:, 1:], outputs.token_mask[:, 1:]
-        num_coarse = coarse_grid[0] * coarse_grid[1]
-        cell_counts = token_cell_counts(token_index, token_mask, num_coarse, config.scale_ratio)
+        cell_counts = token_cell_counts(token_index, token_mask, tree)
         token_logits = self.decode_head(outputs.last_hidden_state[:, 1:], cell_counts)
-        return tokens_to_grid(token_logits, token_index, token_mask, coarse_grid, config.scale_ratio)
+        return tokens_to_grid(token_logits, token_index, token_mask, tree)
 
     def _per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over each image's labelled pixels."""

@@ -61,7 +61,15 @@ def test_non_vit_models_are_rejected(config):
         MSViTForImageClassification.from_vit(MSViTForImageClassification(config))
 
 
-def test_vit_image_size_must_tile_into_coarse_regions():
-    vit = ViTForImageClassification(tiny_vit_config(image_size=36))
-    with pytest.raises(ValueError, match="multiple of `coarse_patch_size`"):
-        MSViTForImageClassification.from_vit(vit)
+def test_vit_image_size_with_a_border_converts_exactly():
+    """36 px with 4 / 8 px patches: 4 x 4 coarse regions and a border of 17 fine cells that stay fine."""
+    vit = ViTForImageClassification(tiny_vit_config(image_size=36)).eval()
+    msvit = MSViTForImageClassification.from_vit(vit).eval()
+    pixel_values = torch.randn(2, 3, 36, 36)
+    tree = msvit.msvit.scale_tree(36, 36)
+    assert (tree.num_decisions, tree.num_roots) == (16, 16 + 9 * 9 - 8 * 8)
+    with torch.no_grad():
+        split_all = msvit(pixel_values, split_mask=torch.ones(2, 16, dtype=torch.bool))
+        keep_all = msvit(pixel_values, split_mask=torch.zeros(2, 16, dtype=torch.bool))
+        torch.testing.assert_close(split_all.logits, vit(pixel_values).logits, rtol=1e-5, atol=1e-5)
+    assert split_all.token_counts.tolist() == [1 + 81] * 2 and keep_all.token_counts.tolist() == [1 + 33] * 2

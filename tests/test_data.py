@@ -12,6 +12,8 @@ import torch
 from transformers import ViTImageProcessorPil
 
 from msvit.train.data import (
+    CANVAS_SIZES,
+    CLEAN_CANVASES,
     CLUTTER_FRAGMENT_SIZE,
     CLUTTER_FRAGMENTS,
     CLUTTER_SEEDS,
@@ -21,6 +23,8 @@ from msvit.train.data import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     PLACEMENT_SEEDS,
+    SPARSE_ITEM_SCALE,
+    SPARSE_SEEDS,
     TEST_BACKGROUNDS,
     TEXTURE_SEEDS,
     TRAIN_BACKGROUNDS,
@@ -40,6 +44,8 @@ from msvit.train.data import (
     train_validation_split,
     translate_to_canvas,
 )
+from msvit.train.evaluation import processed_pixel_values
+from msvit.train.gate_training import content_regions, translated_item_regions
 
 
 REAL_DATA_PRESENT = all((FASHION_MNIST_DIR / name).is_file() for pair in FASHION_MNIST_FILES.values() for name in pair)
@@ -359,6 +365,92 @@ def test_textured_canvases_say_how_to_get_scikit_image(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "skimage", None)
     with pytest.raises(ImportError, match="pip install scikit-image"):
         background_photos(["brick"])
+
+
+def test_sparse_canvases_hold_the_upscaled_item_exactly(tiny_dir):
+    assert SPARSE_ITEM_SCALE == 2
+    assert CANVAS_SIZES["sparse_translated_fashion_mnist"] == 192 and CANVAS_SIZES["translated_fashion_mnist"] == 64
+    base = load_fashion_mnist("test", data_dir=tiny_dir)
+    sparse = translate_to_canvas(base, canvas_size=192, seed=SPARSE_SEEDS["test"], item_scale=SPARSE_ITEM_SCALE)
+    assert sparse.column_names == ["image", "label", "top", "left"] and sparse["label"] == base["label"]
+    items = tiny_images(len(base), offset=100)
+    rows = sparse.select_columns(["top", "left"]).with_format("numpy")[:]
+    for index in range(0, len(base), 23):
+        canvas = np.asarray(sparse[index]["image"]).copy()
+        assert canvas.shape == (192, 192) and sparse[index]["image"].mode == "L"
+        top, left = int(rows["top"][index]), int(rows["left"][index])
+        block = canvas[top : top + 56, left : left + 56]
+        for row in (0, 1):  # every source pixel is a 2x2 block of its exact value
+            for col in (0, 1):
+                np.testing.assert_array_equal(block[row::2, col::2], items[index])
+        canvas[top : top + 56, left : left + 56] = 0
+        assert not canvas.any()
+    # uniform over every position where the 56 px item fits: 0..136 on a 192 px canvas
+    assert rows["top"].min() >= 0 and rows["top"].max() <= 136 and len(set(rows["top"].tolist())) > 50
+    assert rows["left"].min() >= 0 and rows["left"].max() <= 136 and len(set(rows["left"].tolist())) > 50
+    with pytest.raises(ValueError, match="do not fit"):
+        translate_to_canvas(base.select(range(2)), canvas_size=40, item_scale=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        translate_to_canvas(base.select(range(2)), canvas_size=64, item_scale=0)
+
+
+def test_sparse_splits_use_their_own_placement_seeds(tiny_dir):
+    seeds = [*PLACEMENT_SEEDS.values(), *CLUTTER_SEEDS.values(), *TEXTURE_SEEDS.values(), *SPARSE_SEEDS.values()]
+    assert len(set(seeds)) == len(seeds)
+    splits = load_classification_splits("sparse_translated_fashion_mnist", data_dir=tiny_dir, validation_size=100)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 500, "validation": 100, "test": 200}
+    assert all(split[0]["image"].size == (192, 192) for split in splits.values())  # the set's own default canvas
+    test_base = load_fashion_mnist("test", data_dir=tiny_dir)
+    expected = translate_to_canvas(test_base, 192, seed=SPARSE_SEEDS["test"], item_scale=2)
+    assert splits["test"]["top"] == expected["top"] and splits["test"]["left"] == expected["left"]
+    np.testing.assert_array_equal(canvases_of(splits["test"].select(range(5))), canvases_of(expected.select(range(5))))
+    # reproducible for a split, different across splits (the same items under another split's seed)
+    again = load_classification_splits("sparse_translated_fashion_mnist", data_dir=tiny_dir, validation_size=100)
+    assert all(
+        again[name]["top"] == split["top"] and again[name]["left"] == split["left"] for name, split in splits.items()
+    )
+    for other in ("train", "validation"):
+        moved = translate_to_canvas(test_base, 192, seed=SPARSE_SEEDS[other], item_scale=2)
+        assert moved["top"] != expected["top"] and moved["left"] != expected["left"]
+    # subsets keep the full split's canvases; canvas_size stays overridable
+    subset = load_classification_splits(
+        "sparse_translated_fashion_mnist",
+        data_dir=tiny_dir,
+        validation_size=100,
+        max_train_samples=20,
+        max_eval_samples=10,
+    )
+    assert {name: len(split) for name, split in subset.items()} == {"train": 20, "validation": 10, "test": 10}
+    full = set(zip(splits["test"]["label"], splits["test"]["top"], splits["test"]["left"]))
+    assert set(zip(subset["test"]["label"], subset["test"]["top"], subset["test"]["left"])) <= full
+    small = load_classification_splits(
+        "sparse_translated_fashion_mnist", data_dir=tiny_dir, validation_size=100, canvas_size=96, max_eval_samples=10
+    )
+    assert small["test"][0]["image"].size == (96, 96) and max(small["test"]["top"]) <= 40
+
+
+def test_item_regions_of_the_translated_sets(tiny_dir, processor):
+    assert CLEAN_CANVASES == {
+        "cluttered_translated_fashion_mnist": "translated_fashion_mnist",
+        "textured_translated_fashion_mnist": "translated_fashion_mnist",
+    }
+    load = dict(data_dir=tiny_dir, validation_size=100, max_eval_samples=40)
+    # clean canvases (translated, sparse): every region with content is the item's
+    for name in ("translated_fashion_mnist", "sparse_translated_fashion_mnist"):
+        assert translated_item_regions(name, processor, 1, 8, load) == {"validation": None, "test": None}
+    # cluttered and textured: the regions with content on the clean translated canvases, as before
+    clean = load_classification_splits("translated_fashion_mnist", **load)
+    expected = {split: content_regions(processed_pixel_values(clean[split], processor, 1), 8) for split in clean}
+    for name in ("cluttered_translated_fashion_mnist", "textured_translated_fashion_mnist"):
+        regions = translated_item_regions(name, processor, 1, 8, load)
+        assert regions.keys() == {"validation", "test"}
+        assert all(
+            regions[split].shape == (40, 16) and torch.equal(regions[split], expected[split]) for split in regions
+        )
+    # on the sparse canvases every item shows in 1 to 9 regions of 32 px (56 px span 2 or 3 cells along each axis)
+    sparse = load_classification_splits("sparse_translated_fashion_mnist", **load)["test"]
+    content = content_regions(torch.from_numpy(canvases_of(sparse)).float()[:, None] * 2 - 1, 32)
+    assert content.any(1).all() and content.sum(1).max() <= 9
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ REMOTE_LOAD = (
     + """
 classifier = pipeline("image-classification", model=folder, trust_remote_code=True, top_k=None)
 scores = {row["label"]: row["score"] for row in classifier(image)}
-names = ("size_aware_attention", "gate_type", "gate_objective", "gate_residual_rule", "gate_input")
+names = ("size_aware_attention", "gate_type", "gate_objective", "gate_residual_rule", "gate_input", "patch_sizes")
 settings = {name: getattr(model.config, name) for name in names}
 results.update(scores=scores, settings=settings)
 """
@@ -135,6 +135,7 @@ def test_plain_save_pretrained_already_loads_with_remote_code(tmp_path, model, p
         dict(size_aware_attention=False),
         dict(gate_type="entropy"),
         dict(gate_residual_rule="std", gate_input="neighbourhood"),
+        dict(patch_sizes=[4, 8, 16], gate_residual_rule="entropy", gate_input="pixels"),
     ],
 )
 def test_remote_code_keeps_attention_and_gate_settings(tmp_path, photo, settings):

@@ -235,7 +235,7 @@ def test_bfloat16_model_accepts_float32_pixels(config, pixel_values):
         (lambda: torch.randn(3, 32, 32), "4D tensor"),
         (lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "floating-point"),
         (lambda: torch.randn(1, 1, 32, 32), "1 channels but the model expects 3"),
-        (lambda: torch.randn(1, 3, 30, 32), "not a multiple of `coarse_patch_size`"),
+        (lambda: torch.randn(1, 3, 30, 32), "not a multiple of `patch_size`"),
         (lambda: [[0.0]], "4D tensor"),
     ],
 )

@@ -9,8 +9,18 @@ from transformers import AutoModelForSemanticSegmentation, ViTModel
 
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation, MSViTModel
 from modeling_msvit.macs_msvit import encoder_macs
-from modeling_msvit.mixed_scale_tokens import gathered_token_index, token_cell_counts, tokens_to_grid
+from modeling_msvit.mixed_scale_tokens import (
+    build_scale_tree,
+    candidate_active_mask,
+    gathered_token_index,
+    token_cell_counts,
+    tokens_to_grid,
+)
 from tests.conftest import STRAIGHT_THROUGH, tiny_config, tiny_vit_config
+
+
+# the token tree of the tiny config's 32 px images: 4 x 4 coarse regions over 8 x 8 fine cells
+TREE = build_scale_tree((8, 8), 2, 2)
 
 
 LABELS = {"id2label": {0: "background", 1: "a", 2: "b", 3: "c"}, "label2id": {"background": 0, "a": 1, "b": 2, "c": 3}}
@@ -33,7 +43,8 @@ def test_tokens_to_grid_hand_built_example():
     )[..., None]
     token_index = torch.tensor([[0, 1, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5]])
     token_mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
-    grid = tokens_to_grid(hidden, token_index, token_mask, (1, 2), 2)
+    tree = build_scale_tree((2, 4), 2, 2)
+    grid = tokens_to_grid(hidden, token_index, token_mask, tree)
     expected = torch.tensor(
         [
             [[10, 10, 1, 2], [10, 10, 3, 4]],
@@ -43,30 +54,31 @@ def test_tokens_to_grid_hand_built_example():
     )[:, None]
     assert torch.equal(grid, expected)
     # the cells each position stands for: CLS and padding none, coarse r**2, fine 1
-    cells = token_cell_counts(token_index, token_mask, num_coarse=2, ratio=2)
+    cells = token_cell_counts(token_index, token_mask, tree)
     assert cells.tolist() == [[0, 4, 1, 1, 1, 1], [0, 4, 4, 0, 0, 0]]
 
 
 def test_tokens_to_grid_matches_gathered_index_and_masked_layout():
     """The same decisions in the gathered layout (from `gathered_token_index`) and the masked one (every candidate,
     inactive ones masked) give the same grid, and the grid equals a per-cell reference built by hand."""
-    coarse_grid, ratio, dim = (2, 3), 2, 5
+    ratio, dim = 2, 5
     num_coarse = 6
     split_mask = torch.tensor([[True, False, False, True, True, False], [False] * 6])
     candidates = torch.randn(2, num_coarse * (1 + ratio**2), dim)
-    index, valid = gathered_token_index(split_mask, ratio)
+    tree = build_scale_tree((4, 6), ratio, 2)
+    index, valid = gathered_token_index(split_mask, tree)
     gathered = torch.gather(candidates, 1, index[..., None].expand(-1, -1, dim))
     cls = torch.zeros(2, 1, dim)
     gathered_grid = tokens_to_grid(
         torch.cat([cls, gathered], 1),
         torch.cat([torch.zeros(2, 1, dtype=torch.long), index + 1], 1),
         torch.cat([torch.ones(2, 1, dtype=torch.bool), valid], 1),
-        coarse_grid,
-        ratio,
+        tree,
     )
     all_index = torch.arange(candidates.shape[1]).expand(2, -1)
     active = torch.cat([~split_mask, split_mask.repeat_interleave(ratio**2, 1)], 1)
-    masked_grid = tokens_to_grid(candidates, all_index + 1, active, coarse_grid, ratio)
+    assert torch.equal(candidate_active_mask(split_mask, tree), active)
+    masked_grid = tokens_to_grid(candidates, all_index + 1, active, tree)
     assert torch.equal(gathered_grid, masked_grid)
     for b in range(2):
         for row in range(4):
@@ -85,8 +97,8 @@ def test_model_features_to_grid_both_paths(token_path):
     split_mask = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) > 0.5
     gathered = model(pixel_values, split_mask=split_mask, token_path="gathered")
     outputs = model(pixel_values, split_mask=split_mask, token_path=token_path)
-    grid = tokens_to_grid(outputs.last_hidden_state, outputs.token_index, outputs.token_mask, (4, 4), 2)
-    reference = tokens_to_grid(gathered.last_hidden_state, gathered.token_index, gathered.token_mask, (4, 4), 2)
+    grid = tokens_to_grid(outputs.last_hidden_state, outputs.token_index, outputs.token_mask, TREE)
+    reference = tokens_to_grid(gathered.last_hidden_state, gathered.token_index, gathered.token_mask, TREE)
     torch.testing.assert_close(grid, reference, atol=1e-5, rtol=0)
     assert grid.shape == (3, 32, 8, 8)
 
@@ -103,7 +115,7 @@ def test_decoder_on_tokens_equals_decoder_on_dense_grid(decoder_type, attn_imple
     with torch.no_grad():
         logits = model(pixel_values, split_mask=split_mask).logits
         encoded = model.msvit(pixel_values, split_mask=split_mask)
-        grid = tokens_to_grid(encoded.last_hidden_state, encoded.token_index, encoded.token_mask, (4, 4), 2)
+        grid = tokens_to_grid(encoded.last_hidden_state, encoded.token_index, encoded.token_mask, TREE)
         dense = grid.flatten(2).transpose(1, 2)  # (B, 64, D): one token per fine cell
         dense_logits = model.decode_head(dense, torch.ones(4, 64, dtype=torch.long))
     torch.testing.assert_close(logits, dense_logits.transpose(1, 2).reshape(4, 4, 8, 8), atol=1e-4, rtol=0)
@@ -230,5 +242,5 @@ def test_from_vit_reuses_the_backbone():
     with torch.no_grad():
         encoded = segmenter.msvit(pixel_values, split_mask=torch.ones(2, 16, dtype=torch.bool))
         vit_tokens = vit(pixel_values).last_hidden_state[:, 1:]
-    grid = tokens_to_grid(encoded.last_hidden_state, encoded.token_index, encoded.token_mask, (4, 4), 2)
+    grid = tokens_to_grid(encoded.last_hidden_state, encoded.token_index, encoded.token_mask, TREE)
     torch.testing.assert_close(grid.flatten(2).transpose(1, 2), vit_tokens, atol=1e-5, rtol=0)

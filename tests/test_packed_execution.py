@@ -16,6 +16,7 @@ from transformers import ViTImageProcessorPil, pipeline
 
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation, MSViTModel
 from modeling_msvit.mixed_scale_tokens import (
+    build_scale_tree,
     length_buckets,
     packed_token_rows,
     padded_token_rows,
@@ -69,7 +70,7 @@ def test_packed_equals_padded_equals_single_images(attn_implementation, size_awa
     )
     pixel_values = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     layouts = ragged_layouts(5)
-    counts = token_counts(layouts, 2)
+    counts = token_counts(layouts, build_scale_tree((8, 8), 2, 2))
     assert len(set(counts.tolist())) == 5
 
     # the packed model's layers see one (total tokens, hidden) matrix, the padded model's the padded batch
@@ -94,7 +95,7 @@ def test_base_model_outputs_keep_the_padded_format(size_aware_attention):
     with torch.no_grad():
         outputs, reference = packed(pixel_values, **kwargs), padded(pixel_values, **kwargs)
 
-    length = int(token_counts(layouts, 2).max())
+    length = int(token_counts(layouts, build_scale_tree((8, 8), 2, 2)).max())
     mask = outputs.token_mask
     assert outputs.last_hidden_state.shape == reference.last_hidden_state.shape == (4, length, 32)
     assert torch.equal(mask, reference.token_mask) and torch.equal(outputs.token_index, reference.token_index)
@@ -117,7 +118,7 @@ def test_segmentation_and_tokens_to_grid_are_unchanged(decoder_type):
     with torch.no_grad():
         logits, expected = (model(pixel_values, split_mask=layouts).logits for model in (packed, padded))
         grids = [
-            tokens_to_grid(out.last_hidden_state, out.token_index, out.token_mask, (4, 4), 2)
+            tokens_to_grid(out.last_hidden_state, out.token_index, out.token_mask, packed.msvit.scale_tree(32, 32))
             for out in (packed.msvit(pixel_values, split_mask=layouts), padded.msvit(pixel_values, split_mask=layouts))
         ]
     assert logits.shape == (5, 4, 8, 8) and (logits - expected).abs().max() <= 1e-5
@@ -135,7 +136,7 @@ def test_packing_only_where_there_is_padding_to_skip():
     assert layer_input_shapes(packed, pixel_values) == [(4, 1 + 16 + 3 * 8, 32)]
     packed.train()  # training keeps today's padded batches (and their dropout draws)
     assert layer_input_shapes(packed, pixel_values, split_mask=layouts, token_path="gathered") == [
-        (4, int(token_counts(layouts, 2).max()), 32)
+        (4, int(token_counts(layouts, build_scale_tree((8, 8), 2, 2)).max()), 32)
     ]
     with pytest.raises(ValueError, match="ragged_execution"):
         tiny_config(ragged_execution="nested")
@@ -151,7 +152,7 @@ def test_a_packed_batch_costs_the_macs_of_its_own_tokens():
     padded = MSViTForImageClassification(load_preset("msvit-tiny", ragged_execution="padded", **config)).eval()
     pixel_values = torch.randn(4, 3, 224, 224)
     layouts = ragged_layouts(4, num_coarse=49)
-    counts = token_counts(layouts, 2)
+    counts = token_counts(layouts, build_scale_tree((14, 14), 2, 2))
     cpu_sdpa = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, **kwargs: (
             sdpa_flop_count(query, key, value)

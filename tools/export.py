@@ -87,9 +87,9 @@ def image_processor_for(
 def compute_summary(model: MSViTPreTrainedModel) -> dict:
     """Token and GMAC ranges of a model, for model cards and reports (the ViT figure has the same head)."""
     config = model.config
-    num_coarse = config.coarse_grid_size[0] * config.coarse_grid_size[1]
-    num_fine = num_coarse * config.scale_ratio**2
-    min_tokens, max_tokens = 1 + num_coarse, 1 + num_fine
+    fine_height, fine_width = config.fine_grid_size
+    tree = model.base_model.scale_tree(fine_height * config.patch_size, fine_width * config.patch_size)
+    min_tokens, max_tokens = 1 + tree.num_roots, 1 + tree.num_fine
     macs = model.compute_macs(torch.tensor([min_tokens, max_tokens]))
     vit = vit_macs_for_config(config) + int(model._head_macs(torch.tensor(max_tokens)))
     return {
@@ -133,6 +133,13 @@ def render_model_card(
         "results": results_markdown or "No evaluation results were recorded for these weights.",
         "model_index": index_yaml,
         "children": config.scale_ratio**2,
+        "patch_sizes": " / ".join(str(size) for size in config.scale_sizes),
+        "scales_note": (
+            f" With {config.num_scales} patch sizes the regions form a tree: a split region's children decide in "
+            f"turn, top-down, down to {config.patch_size}x{config.patch_size}."
+            if config.num_scales > 2
+            else ""
+        ),
         "image_size": config.image_size,
         "gate": gate_description(config),
         "attention": "size-aware (log r² added to coarse keys' scores)" if config.size_aware_attention else "plain",

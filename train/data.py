@@ -24,6 +24,13 @@ each with an `image` column (PIL image) and a `label` column (`datasets.ClassLab
   from `TEST_BACKGROUNDS` (photos never seen in training); crops are drawn from a fixed seed per split
   (`TEXTURE_SEEDS`), and `background_contrast` scales the backgrounds to `[0, contrast]` of the pixel range. Here a
   region's pixel statistics mislead: texture is as busy as cloth. Needs scikit-image (a dependency of `make test`).
+- `"sparse_translated_fashion_mnist"`: Sparse Translated Fashion-MNIST, the sparse high-resolution bench composed
+  here: each 28x28 item is upscaled `SPARSE_ITEM_SCALE` = 2 times (nearest neighbour, to 56x56) and pasted at a
+  uniformly random position where it fits on a black 192x192 canvas, with placements drawn from their own fixed seed
+  per split (`SPARSE_SEEDS`); extra columns `top` and `left` as above. It is
+  the case where detail covers a small share of a large image, where more than two token scales pay: an item covers
+  about 8.5 % of the canvas (56^2 / 192^2), so most regions are empty at every scale. Canvases are stored raw (37 KB
+  each): about 2.0 GB for the 55,000 training canvases, 2.6 GB for the three splits.
 - `"imagefolder:<dir>"`: a local folder read by `datasets`' `imagefolder` builder (one sub-folder per class,
   optionally under `train/`, `validation/`, `test/`); missing validation/test splits are carved out of train.
 - any other string: a Hub data set id (or a local data set folder) loaded with `datasets.load_dataset`, e.g.
@@ -83,11 +90,23 @@ TRAIN_BACKGROUNDS = ("brick", "grass", "gravel", "camera", "astronaut", "coffee"
 TEST_BACKGROUNDS = ("chelsea", "rocket", "text", "coins", "moon")
 TEXTURE_SEEDS = {"train": 20, "validation": 21, "test": 22}
 TEXTURE_CROP_SCALE = (0.25, 1.0)
+# Sparse high-resolution canvases: items upscaled by an integer factor (nearest neighbour), on their own placements.
+SPARSE_ITEM_SCALE = 2
+SPARSE_SEEDS = {"train": 30, "validation": 31, "test": 32}
 TRANSLATED_DATASETS = (
     "translated_fashion_mnist",
     "cluttered_translated_fashion_mnist",
     "textured_translated_fashion_mnist",
+    "sparse_translated_fashion_mnist",
 )
+# Each translated data set's canvas side in px (the default of `load_classification_splits`).
+CANVAS_SIZES = {name: 64 for name in TRANSLATED_DATASETS} | {"sparse_translated_fashion_mnist": 192}
+# Translated data sets composed on the canvases of another (same items, same placements, plus clutter or a
+# background): the data set of their clean canvases, whose regions with content are the item's.
+CLEAN_CANVASES = {
+    "cluttered_translated_fashion_mnist": "translated_fashion_mnist",
+    "textured_translated_fashion_mnist": "translated_fashion_mnist",
+}
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 LABEL_COLUMN_NAMES = ("label", "labels")
 
@@ -267,25 +286,38 @@ def load_fashion_mnist(split: str, data_dir: str | Path | None = None) -> datase
 
 
 def translate_to_canvas(
-    dataset: datasets.Dataset, canvas_size: int = 64, seed: int = 0, *, image_column: str = "image"
+    dataset: datasets.Dataset,
+    canvas_size: int = 64,
+    seed: int = 0,
+    *,
+    image_column: str = "image",
+    item_scale: int = 1,
 ) -> datasets.Dataset:
     """Paste every image at a uniformly random position where it fits on a black `canvas_size` square canvas.
 
     This is the translated-MNIST protocol (Jaderberg et al. 2015; Mnih et al. 2014). Placements come from
     `numpy.random.default_rng(seed)`: item `i` gets `top[i]` in `0 .. canvas_size - height` and `left[i]` in
     `0 .. canvas_size - width` (0..36 for 28x28 items on 64x64), so the same data set and seed give identical canvases.
+    `item_scale` > 1 first upscales every item by that integer factor, nearest neighbour (height, width and the
+    placement ranges are then the upscaled item's: 0..136 for 28x28 items scaled 2x on 192x192).
 
     Returns a new in-memory data set with the same columns, `image` replaced by the canvas (PIL, same mode: "L" stays
     "L", anything else becomes "RGB") and two int32 columns `top`, `left` (the item's top-left corner on the canvas).
     Canvases are built eagerly with numpy and stored as raw PGM/PPM bytes (under a second and 226 MB for 55,000 28x28
-    items on 64x64), so the result composes with any later `with_transform`.
+    items on 64x64; 2.0 GB for 55,000 56x56 items on 192x192), so the result composes with any later `with_transform`.
     """
+    if not (isinstance(item_scale, int) and item_scale >= 1):
+        raise ValueError(f"item_scale must be a positive integer, got {item_scale!r}.")
     stored = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     stored = stored.with_format("arrow")[:][image_column].combine_chunks()
     items = [
         _decode_image(data, path)
         for data, path in zip(stored.field("bytes").to_pylist(), stored.field("path").to_pylist())
     ]
+    if item_scale > 1:
+        # nearest neighbour: every pixel becomes an `item_scale` square block, so pixel values stay exact (no
+        # interpolated values) and a region's content is the item's
+        items = [item.repeat(item_scale, axis=0).repeat(item_scale, axis=1) for item in items]
     heights = np.array([item.shape[0] for item in items], dtype=np.int64)
     widths = np.array([item.shape[1] for item in items], dtype=np.int64)
     if len(items) and (heights.max() > canvas_size or widths.max() > canvas_size):
@@ -328,8 +360,9 @@ def translate_to_canvas(
             "left": datasets.Value("int32"),
         }
     )
+    scale = () if item_scale == 1 else (item_scale,)  # unscaled canvases keep the fingerprint they always had
     return _in_memory_dataset(
-        columns, features, dataset.split, ("translate_to_canvas", dataset._fingerprint, canvas_size, seed)
+        columns, features, dataset.split, ("translate_to_canvas", dataset._fingerprint, canvas_size, seed, *scale)
     )
 
 
@@ -586,7 +619,7 @@ def load_classification_splits(
     *,
     validation_size: int | float = 5000,
     seed: int = 0,
-    canvas_size: int = 64,
+    canvas_size: int | None = None,
     background_contrast: float = 1.0,
     data_dir: str | Path | None = None,
     max_train_samples: int | None = None,
@@ -595,12 +628,12 @@ def load_classification_splits(
 ) -> datasets.DatasetDict:
     """Splits `train`, `validation`, `test` with columns `image` (PIL) and `label` (`ClassLabel` or int).
 
-    `dataset`: `"fashion_mnist"`, one of `TRANSLATED_DATASETS` (the translated canvases, clean, cluttered or
-    textured; they add `top`, `left`), `"imagefolder:<dir>"` or a Hub id (see the module docstring).
+    `dataset`: `"fashion_mnist"`, one of `TRANSLATED_DATASETS` (the translated canvases, clean, cluttered, textured
+    or sparse; they add `top`, `left`), `"imagefolder:<dir>"` or a Hub id (see the module docstring).
     `validation_size` rows (or that fraction) are carved from train with `seed` when the data set has no validation
-    split (and likewise for a missing test split). `canvas_size` applies to the translated data sets,
-    `background_contrast` to the textured one, `data_dir` to the Fashion-MNIST IDX folder, `cache_dir` to
-    `datasets.load_dataset`.
+    split (and likewise for a missing test split). `canvas_size` applies to the translated data sets (None: each one's
+    own, `CANVAS_SIZES`: 64 px, 192 px for the sparse set), `background_contrast` to the textured one, `data_dir` to
+    the Fashion-MNIST IDX folder, `cache_dir` to `datasets.load_dataset`.
     `max_train_samples` / `max_eval_samples` keep a fixed random subset (seeded by `seed`) of train / of validation
     and test, taken after translation so that a subset's canvases are those of the full split.
     """
@@ -612,7 +645,14 @@ def load_classification_splits(
             "validation": parts["validation"],
             "test": load_fashion_mnist("test", data_dir),
         }
-        if dataset in TRANSLATED_DATASETS:
+        if canvas_size is None and dataset in TRANSLATED_DATASETS:
+            canvas_size = CANVAS_SIZES[dataset]
+        if dataset == "sparse_translated_fashion_mnist":
+            splits = {
+                split: translate_to_canvas(part, canvas_size, seed=SPARSE_SEEDS[split], item_scale=SPARSE_ITEM_SCALE)
+                for split, part in splits.items()
+            }
+        elif dataset in TRANSLATED_DATASETS:
             splits = {
                 split: translate_to_canvas(part, canvas_size, seed=PLACEMENT_SEEDS[split])
                 for split, part in splits.items()

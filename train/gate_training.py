@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from msvit.train.data import load_classification_splits
+from msvit.train.data import CLEAN_CANVASES, load_classification_splits
 from msvit.train.evaluation import processed_pixel_values
 from msvit.train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
 from msvit.train.training_loop import STAGE_LAYOUTS, freeze_all_but_gate
@@ -125,12 +125,14 @@ def translated_item_regions(
     dataset: str, image_processor, num_channels: int, coarse_patch_size: int, load: dict
 ) -> dict[str, torch.Tensor | None]:
     """Validation and test `(N, Nc)` bool item regions of a translated canvas data set (`load`: the keyword arguments
-    of `load_classification_splits` that chose its images): the regions with content on the clean canvas, which holds
-    the same items at the same places. None for the clean canvases themselves, where every region with content is the
-    item's."""
-    if dataset == "translated_fashion_mnist":
+    of `load_classification_splits` that chose its images): for a data set composed on another one's canvases
+    (`CLEAN_CANVASES`: cluttered, textured), the regions with content on its clean canvas, which holds the same items
+    at the same places. None for clean canvases (translated, sparse) and any other data set, where every region with
+    content is the item's."""
+    clean_dataset = CLEAN_CANVASES.get(dataset)
+    if clean_dataset is None:
         return {"validation": None, "test": None}
-    clean = load_classification_splits("translated_fashion_mnist", **load)
+    clean = load_classification_splits(clean_dataset, **load)
     return {
         split: content_regions(processed_pixel_values(clean[split], image_processor, num_channels), coarse_patch_size)
         for split in ("validation", "test")

@@ -75,8 +75,8 @@ class ClassificationArguments(CommonArguments):
     dataset: str = field(
         default="translated_fashion_mnist",
         metadata={
-            "help": "fashion_mnist, translated_fashion_mnist (or its cluttered_ / textured_ variant), "
-            "imagefolder:<dir> or a Hub data set id."
+            "help": "fashion_mnist, translated_fashion_mnist (or its cluttered_ / textured_ / sparse_ variant; "
+            "sparse_: 56 px items on 192 px canvases), imagefolder:<dir> or a Hub data set id."
         },
     )
     background_contrast: float = field(
@@ -87,7 +87,8 @@ class ClassificationArguments(CommonArguments):
         default=None,
         metadata={
             "help": "Model input size (the image processor resizes); default: the data's size rounded up to a "
-            "multiple of the coarse patch (64 for translated Fashion-MNIST, 32 for Fashion-MNIST)."
+            "multiple of the coarse patch (64 for translated Fashion-MNIST, 192 for its sparse variant, 32 for "
+            "Fashion-MNIST)."
         },
     )
     validation_size: float = field(
