@@ -55,8 +55,8 @@ segmentation: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m msvit.experiments.segmentation_pipeline --results_dir results/segmentation \
 		--docs docs/segmentation.md
 
-# MSViT vs ViT/16 and ViT/32 speed, side by side (about 5 minutes on 2 CPU cores); rewrites the generated section of
-# docs/performance.md.
+# MSViT with two (16/32 px) and three (16/32/64 px) patch sizes vs ViT/16 and ViT/32 speed, side by side, at 224 px
+# and 448 px (about 7 minutes on 2 CPU cores); rewrites the generated section of docs/performance.md.
 benchmark: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.benchmark --docs docs/performance.md
 

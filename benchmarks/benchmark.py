@@ -1,4 +1,4 @@
-"""Side-by-side speed of MSViT against transformers' ViT/16 and ViT/32 of the same width and depth.
+"""Side-by-side speed of MSViT (two and three patch sizes) against transformers' ViT/16 and ViT/32 of the same size.
 
     python -m benchmarks.benchmark                        # the committed CPU run (under 10 minutes on 2 cores)
     python -m benchmarks.benchmark --device cuda --dtypes bf16 --attn sdpa --batch_sizes 1 8 32 64 128 256
@@ -9,13 +9,22 @@ discarded and the median of the rest is kept. The fine ratio is forced exactly w
 (`model.set_budget(fine_ratio=...)`), so every image of a batch has `1 + Nc + 3 * round(ratio * Nc)` tokens. Random
 weights: speed does not depend on what the weights are.
 
+Beside the two-scale MSViT (the preset's `patch_size` / `coarse_patch_size`, 16/32 px for msvit-tiny) runs, unless
+`--no-three_scales`, the same backbone with a third, larger patch size (16/32/64 px, `config.patch_sizes`): its fine
+ratio splits `round(ratio * D)` of its `D` decision nodes top-down (at 224 px the 9 regions of 64 px, their 36
+children and the 13 border regions of 32 px: `D = 58`, `1 + 22 + 3 * round(ratio * 58)` tokens). Its rows are
+measured in the same interleaved repetitions and reported as "3 scales (16/32/64)" next to "2 scales (16/32)".
+
 Sections:
 * `inference`: the grid above; speed-up = ViT/16 time / model time, beside the analytic MAC speed-up of the same
   inputs (`compute_macs` / `vit_macs`) and images/s.
+* `image_sizes`: the same at each of `--extra_image_sizes` (448 px: models built for that size), at the first of
+  `--dtypes` and of `--attn` and `--extra_batch_sizes` only.
 * `ragged`: batches whose images have different fine ratios (forced split masks, mean = `--ragged_mean`), at each
   precision and `--ragged_batch_sizes`, run padded (every layer on the batch padded to its longest image) and packed
   (the layers on the active tokens only, attention on the padded batch; `config.ragged_execution`) with each of
-  `--ragged_attn`, against the fixed budget at the same mean ratio; efficiency = measured / MAC speed-up.
+  `--ragged_attn`, against the fixed budget at the same mean ratio; efficiency = measured / MAC speed-up. Three scales
+  run their fixed budget and packed ragged batches (top-down layouts) in the same repetitions.
 * `training`: one optimizer step (forward, backward, AdamW) of the ViT/16 and of the MSViT on the masked path (all
   `1 + Nc + Nf` candidate tokens, both masked-path attentions) and on the gathered path.
 * `compiled` (with `--compile`): the fixed-budget MSViT and the ViT/16 under `torch.compile(fullgraph=True)`.
@@ -40,14 +49,16 @@ from transformers import ViTConfig, ViTForImageClassification
 from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.configuration_msvit import VIT_CONFIG_FIELDS
 from modeling_msvit.macs_msvit import vit_macs_for_config
-from modeling_msvit.mixed_scale_tokens import token_counts
+from modeling_msvit.mixed_scale_tokens import ScaleTree, budget_split_mask, token_counts
 from msvit.configuration import load_preset, preset_names
 
 from .report import check_targets, plot_speedups, update_docs, write_table
 
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-SECTIONS = ("inference", "ragged", "training", "compiled")
+SECTIONS = ("inference", "image_sizes", "ragged", "training", "compiled")
+# the MSViTs of a run: the preset's two patch sizes, and (unless --no-three_scales) one larger size added
+MSVIT_MODELS = ("msvit", "msvit3")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--min_cell_seconds", type=float, default=3.0, help="Repeat a cell until its timed repetitions last this.")
     add("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads (CPU).")
     add("--device", default="cpu")
+    add(
+        "--three_scales",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also time the MSViT with a third patch size (the preset's sizes and one more level: 16/32/64).",
+    )
+    add("--extra_image_sizes", type=int, nargs="*", default=[448], help="Image sizes of the `image_sizes` section.")
+    add("--extra_batch_sizes", type=int, nargs="+", default=[1, 8], help="Batch sizes of the `image_sizes` section.")
     add("--ragged_batch_sizes", type=int, nargs="+", default=[8, 32, 64])
     add(
         "--ragged_attn",
@@ -78,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sections",
         nargs="+",
         choices=SECTIONS,
-        default=["inference", "ragged", "training"],
+        default=["inference", "image_sizes", "ragged", "training"],
         help="What to measure; `compiled` (torch.compile(fullgraph=True)) adds minutes of compiling on CPU.",
     )
     add("--output_dir", type=Path, default=Path("benchmarks/results/cpu"))
@@ -87,12 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    """The MSViT preset and ViT/16 and ViT/32 classifiers of the same width, depth and head, random weights."""
+def build_models(args: argparse.Namespace, image_size: int | None = None) -> dict[str, torch.nn.Module]:
+    """The MSViT preset and ViT/16 and ViT/32 classifiers of the same width, depth and head, random weights, for
+    `image_size` (default `--image_size`); with `--three_scales` also the preset with one more patch size."""
     torch.manual_seed(args.seed)
+    image_size = image_size or args.image_size
     # built for the straight-through objective, whose gBaS priors the training section's straight-through steps need;
     # the counterfactual step switches the objective (speed does not depend on which the model was built for)
-    config = load_preset(args.preset, image_size=args.image_size, num_labels=1000, gate_objective="straight_through")
+    config = load_preset(args.preset, image_size=image_size, num_labels=1000, gate_objective="straight_through")
     # every ViT field of the preset (the 1,000-label head included) except the patch size
     vit_fields = {name: getattr(config, name) for name in VIT_CONFIG_FIELDS if name != "patch_size"}
     models = {
@@ -100,7 +121,39 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
         "vit32": ViTForImageClassification(ViTConfig(patch_size=config.coarse_patch_size, **vit_fields)),
         "msvit": MSViTForImageClassification(config),
     }
+    if args.three_scales:
+        sizes = [config.patch_size, config.coarse_patch_size, config.coarse_patch_size * config.scale_ratio]
+        three = load_preset(
+            args.preset, image_size=image_size, num_labels=1000, gate_objective="straight_through", patch_sizes=sizes
+        )
+        models["msvit3"] = MSViTForImageClassification(three)
     return {name: model.to(args.device) for name, model in models.items()}
+
+
+def msvit_names(models: dict[str, torch.nn.Module]) -> list[str]:
+    return [name for name in MSVIT_MODELS if name in models]
+
+
+def scale_label(config) -> str:
+    """'2 scales (16/32)', '3 scales (16/32/64)'."""
+    return f"{config.num_scales} scales ({'/'.join(str(size) for size in config.scale_sizes)})"
+
+
+def describe_msvits(models: dict[str, torch.nn.Module], image_sizes: list[int]) -> dict[str, dict]:
+    """Per MSViT: its label, patch sizes and, per image size, its decision nodes and roots (tokens when nothing is
+    split, CLS excluded): what the report needs to explain token counts."""
+    described = {}
+    for name in msvit_names(models):
+        base = models[name].base_model
+        trees = {str(size): base.scale_tree(size, size) for size in image_sizes}
+        described[name] = {
+            "label": scale_label(base.config),
+            "patch_sizes": list(base.config.scale_sizes),
+            "trees": {
+                size: {"decisions": tree.num_decisions, "roots": tree.num_roots} for size, tree in trees.items()
+            },
+        }
+    return described
 
 
 def vit_macs_per_image(models: dict[str, torch.nn.Module]) -> dict[str, float]:
@@ -171,41 +224,74 @@ def autocast_for(dtype_name: str, device: str):
     return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else nullcontext
 
 
+def time_fixed_budgets(args, models, timer: Timer, pixel_values: torch.Tensor, autocast, base: dict) -> list[dict]:
+    """One cell: the ViT/16, the ViT/32 and every MSViT at every fine ratio (fixed budget), in interleaved
+    repetitions; its records (ViTs, then each MSViT's ratios), every speed-up against this cell's ViT/16."""
+    batch_size = pixel_values.shape[0]
+    vit_macs = vit_macs_per_image(models)
+    runners = {(name, None): inference_runner(models[name], pixel_values, autocast) for name in ("vit16", "vit32")}
+    counts = {}
+    for name in msvit_names(models):
+        msvit = models[name]
+        for ratio in args.fine_ratios:
+            msvit.set_budget(fine_ratio=ratio)
+            with torch.inference_mode():
+                counts[(name, ratio)] = msvit(pixel_values).token_counts
+            runners[(name, ratio)] = budget_runner(msvit, pixel_values, autocast, ratio)
+    seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
+    baseline = seconds[("vit16", None)]
+    records = []
+    for name in ("vit16", "vit32"):
+        records.append(
+            {
+                **base,
+                "model": name,
+                "fine_ratio": None,
+                "tokens": models[name].vit.embeddings.patch_embeddings.num_patches + 1,
+            }
+            | summarise(seconds[(name, None)], batch_size, baseline, vit_macs[name], vit_macs["vit16"])
+        )
+    for (name, ratio), image_counts in counts.items():
+        macs = msvit_macs_per_image(models[name], image_counts)
+        records.append(
+            {**base, "model": name, "fine_ratio": ratio, "tokens": int(image_counts[0])}
+            | summarise(seconds[(name, ratio)], batch_size, baseline, macs, vit_macs["vit16"])
+        )
+    return records
+
+
 def bench_inference(args, models, timer: Timer) -> list[dict]:
     records = []
-    msvit = models["msvit"]
-    vit_macs = vit_macs_per_image(models)
     cells = [(dtype, attn, size) for dtype in args.dtypes for attn in args.attn for size in args.batch_sizes]
     for dtype, attn, batch_size in tqdm(cells, desc="inference", unit="cell"):
         for model in models.values():
             model.set_attn_implementation(attn)
         pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
-        autocast = autocast_for(dtype, args.device)
-        runners = {name: inference_runner(models[name], pixel_values, autocast) for name in ("vit16", "vit32")}
-        counts_by_ratio = {}
-        for ratio in args.fine_ratios:
-            msvit.set_budget(fine_ratio=ratio)
-            with torch.inference_mode():
-                counts_by_ratio[ratio] = msvit(pixel_values).token_counts
-            runners[ratio] = budget_runner(msvit, pixel_values, autocast, ratio)
-        seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
         base = {"dtype": dtype, "attn": attn, "batch_size": batch_size}
-        for name in ("vit16", "vit32"):
-            records.append(
-                {
-                    **base,
-                    "model": name,
-                    "fine_ratio": None,
-                    "tokens": models[name].vit.embeddings.patch_embeddings.num_patches + 1,
-                }
-                | summarise(seconds[name], batch_size, seconds["vit16"], vit_macs[name], vit_macs["vit16"])
-            )
-        for ratio, counts in counts_by_ratio.items():
-            macs = msvit_macs_per_image(msvit, counts)
-            records.append(
-                {**base, "model": "msvit", "fine_ratio": ratio, "tokens": int(counts[0])}
-                | summarise(seconds[ratio], batch_size, seconds["vit16"], macs, vit_macs["vit16"])
-            )
+        records += time_fixed_budgets(args, models, timer, pixel_values, autocast_for(dtype, args.device), base)
+    return records
+
+
+def bench_image_sizes(args, models, timer: Timer) -> list[dict]:
+    """The inference grid's fixed budgets at `--extra_image_sizes`, each with models built for that size (the ViTs'
+    position embeddings and the MSViTs' trees), at the first of `--dtypes` and `--attn`."""
+    records = []
+    dtype, attn = args.dtypes[0], args.attn[0]
+    progress = tqdm(total=len(args.extra_image_sizes) * len(args.extra_batch_sizes), desc="image sizes", unit="cell")
+    for image_size in args.extra_image_sizes:
+        sized = build_models(args, image_size)
+        for model in sized.values():
+            model.eval()
+            model.set_attn_implementation(attn)
+        for batch_size in args.extra_batch_sizes:
+            pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=args.device)
+            with torch.inference_mode():  # first-call allocations of this shape
+                for model in sized.values():
+                    model(pixel_values)
+            base = {"image_size": image_size, "dtype": dtype, "attn": attn, "batch_size": batch_size}
+            records += time_fixed_budgets(args, sized, timer, pixel_values, autocast_for(dtype, args.device), base)
+            progress.update()
+    progress.close()
     return records
 
 
@@ -219,11 +305,16 @@ def budget_runner(msvit, pixel_values, autocast, ratio: float) -> Callable[[], o
     return run_at_budget
 
 
-def ragged_split_mask(batch_size: int, num_coarse: int, mean: float, generator: torch.Generator) -> torch.Tensor:
-    """Split masks whose per-image fine ratios spread evenly over `mean +- 0.25`, in random regions."""
+def ragged_split_mask(batch_size: int, tree: ScaleTree, mean: float, generator: torch.Generator) -> torch.Tensor:
+    """Split masks whose per-image fine ratios (of the tree's `D` decision nodes) spread evenly over `mean +- 0.25`,
+    in random regions, top-down: every split node's parent is split, so each mask is an effective layout. With two
+    scales (`D = Nc`, no parents) these are the `round(ratio * Nc)` regions of lowest uniform draw."""
     ratios = torch.linspace(max(mean - 0.25, 0.0), min(mean + 0.25, 1.0), batch_size)
-    ranks = torch.rand(batch_size, num_coarse, generator=generator).argsort(1).argsort(1)
-    return ranks < (ratios[:, None] * num_coarse).round()
+    scores = -torch.rand(batch_size, tree.num_decisions, generator=generator)
+    splits = (ratios * tree.num_decisions).round().long().tolist()
+    # the fixed budget's own top-down selection, one image (and split count) at a time: best-first expansion
+    tree = tree.to("cpu")
+    return torch.cat([budget_split_mask(scores[i : i + 1], k, tree) for i, k in enumerate(splits)])
 
 
 def configured_runner(
@@ -241,44 +332,57 @@ def configured_runner(
 
 
 def bench_ragged(args, models, timer: Timer) -> list[dict]:
-    msvit = models["msvit"]
-    num_coarse = msvit.config.coarse_grid_size[0] * msvit.config.coarse_grid_size[1]
+    names = msvit_names(models)
     vit_macs = vit_macs_per_image(models)["vit16"]
     records = []
     cells = [(dtype, size) for dtype in args.dtypes for size in args.ragged_batch_sizes]
     for dtype, batch_size in tqdm(cells, desc="ragged", unit="cell"):
         generator = torch.Generator().manual_seed(args.seed)
         pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=args.device)
-        split_mask = ragged_split_mask(batch_size, num_coarse, args.ragged_mean, generator).to(args.device)
-        counts = token_counts(split_mask, msvit.base_model.scale_tree(args.image_size, args.image_size))
         autocast = autocast_for(dtype, args.device)
         vit_run = inference_runner(models["vit16"], pixel_values, autocast)
-        budget_run = budget_runner(msvit, pixel_values, autocast, args.ragged_mean)
-        runners = {
-            ("vit16", "sdpa"): configured_runner(models["vit16"], "sdpa", None, vit_run),
-            ("fixed budget", "sdpa"): configured_runner(msvit, "sdpa", None, budget_run),
-        }
-        ragged_run = inference_runner(msvit, pixel_values, autocast, split_mask=split_mask)
-        for attn in args.ragged_attn:
-            for execution in ("padded", "packed"):
-                runners[(execution, attn)] = configured_runner(msvit, attn, execution, ragged_run)
-        # one untimed call each (flex attention compiles its kernels for new shapes); the budget run's token counts
-        budget_counts = {key: runner() for key, runner in runners.items()}[("fixed budget", "sdpa")].token_counts
+        # keys (model, path, attention): the ViT/16 and the two-scale MSViT's paths as they always ran, then the
+        # three-scale MSViT's fixed budget and packed ragged batch
+        runners = {("vit16", "vit16", "sdpa"): configured_runner(models["vit16"], "sdpa", None, vit_run)}
+        counts = {}
+        for name in names:
+            msvit = models[name]
+            tree = msvit.base_model.scale_tree(args.image_size, args.image_size)
+            split_mask = ragged_split_mask(batch_size, tree, args.ragged_mean, generator).to(args.device)
+            counts[name] = token_counts(split_mask, tree)
+            budget_run = budget_runner(msvit, pixel_values, autocast, args.ragged_mean)
+            runners[(name, "fixed budget", "sdpa")] = configured_runner(msvit, "sdpa", None, budget_run)
+            ragged_run = inference_runner(msvit, pixel_values, autocast, split_mask=split_mask)
+            executions = ("padded", "packed") if name == "msvit" else ("packed",)
+            for attn in args.ragged_attn:
+                for execution in executions:
+                    runners[(name, execution, attn)] = configured_runner(msvit, attn, execution, ragged_run)
+        # one untimed call each (flex attention compiles its kernels for new shapes); the budget runs' token counts
+        outputs = {key: runner() for key, runner in runners.items()}
+        budget_counts = {key[0]: output.token_counts for key, output in outputs.items() if key[1] == "fixed budget"}
+        del outputs
         seconds = interleaved_medians(runners, timer, args.warmup, args.repeats, args.min_cell_seconds)
-        macs = {"vit16": vit_macs, "fixed budget": msvit_macs_per_image(msvit, budget_counts)}
-        ragged_macs = msvit_macs_per_image(msvit, counts)
-        for (path, attn), values in seconds.items():
+        for (name, path, attn), values in seconds.items():
+            if path == "vit16":
+                macs = vit_macs
+            elif path == "fixed budget":
+                macs = msvit_macs_per_image(models[name], budget_counts[name])
+            else:
+                macs = msvit_macs_per_image(models[name], counts[name])
+            # the two-scale rows as they always were (the ViT/16 row describes the two-scale batch); the three-scale
+            # rows name their model
+            batch_counts = counts["msvit" if name == "vit16" else name]
             records.append(
-                {
-                    "dtype": dtype,
-                    "batch_size": batch_size,
+                {"dtype": dtype, "batch_size": batch_size}
+                | ({"model": name} if name not in ("vit16", "msvit") else {})
+                | {
                     "path": path,
                     "attn": attn,
-                    "tokens_min": int(counts.min()),
-                    "tokens_max": int(counts.max()),
-                    "tokens_mean": counts.float().mean().item(),
+                    "tokens_min": int(batch_counts.min()),
+                    "tokens_max": int(batch_counts.max()),
+                    "tokens_mean": batch_counts.float().mean().item(),
                 }
-                | summarise(values, batch_size, seconds[("vit16", "sdpa")], macs.get(path, ragged_macs), vit_macs)
+                | summarise(values, batch_size, seconds[("vit16", "vit16", "sdpa")], macs, vit_macs)
             )
     return records
 
@@ -404,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.eval()
     timer = Timer(args.device)
     started = time.perf_counter()
+    image_sizes = [args.image_size] + (args.extra_image_sizes if "image_sizes" in args.sections else [])
     results = {
         "machine": machine_description(args.device, args.threads),
         "protocol": {
@@ -414,11 +519,12 @@ def main(argv: list[str] | None = None) -> dict:
             "statistic": "median",
             "order": "interleaved",
             "min_cell_seconds": args.min_cell_seconds,
+            "msvits": describe_msvits(models, image_sizes),
         },
     }
     warm_up(args, models)
     benches = {"inference": bench_inference, "ragged": bench_ragged, "training": bench_training}
-    benches["compiled"] = bench_compiled
+    benches |= {"image_sizes": bench_image_sizes, "compiled": bench_compiled}
     for section in args.sections:
         results[section] = benches[section](args, models, timer)
     results["protocol"]["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -12,13 +12,15 @@ DOCS_END = "<!-- benchmark:end -->"
 EFFICIENCY_TARGET = 0.9  # measured speed-up / analytic MAC speed-up at batch >= 8 and fine ratios 0.25-0.75
 BATCH1_ALL_FINE_SLOWDOWN = 1.05  # MSViT at fine ratio 1, batch 1: at most 5 % slower than the ViT/16
 TRAINING_STEP_RATIO = 1.3  # masked-path training step: at most 1.3x the ViT/16 step
+# the MSViTs of a run (`benchmark.MSVIT_MODELS`): the preset's two patch sizes, and the preset with one more size
+MSVIT_MODELS = ("msvit", "msvit3")
 
 
-def msvit_rows(results: dict, dtype: str, attn: str) -> list[dict]:
+def msvit_rows(results: dict, dtype: str, attn: str, model: str = "msvit") -> list[dict]:
     return [
         row
         for row in results.get("inference", [])
-        if row["model"] == "msvit" and row["dtype"] == dtype and row["attn"] == attn
+        if row["model"] == model and row["dtype"] == dtype and row["attn"] == attn
     ]
 
 
@@ -26,74 +28,66 @@ def cells(results: dict) -> list[tuple[str, str]]:
     return list(dict.fromkeys((row["dtype"], row["attn"]) for row in results.get("inference", [])))
 
 
-def token_counts(results: dict) -> dict[float, int]:
-    """Tokens per image of the MSViT at each forced fine ratio."""
-    rows = sorted(
-        (row["fine_ratio"], row["tokens"]) for row in results.get("inference", []) if row["model"] == "msvit"
-    )
-    return dict(rows)
+def token_counts(results: dict, model: str = "msvit") -> dict[float, int]:
+    """Tokens per image of an MSViT at each forced fine ratio (the inference grid)."""
+    return ratio_tokens(results.get("inference", []), model)
+
+
+def ratio_tokens(rows: list[dict], model: str) -> dict[float, int]:
+    return dict(sorted((row["fine_ratio"], row["tokens"]) for row in rows if row["model"] == model))
+
+
+def ragged_model(row: dict) -> str:
+    """The MSViT a ragged row belongs to: the two-scale rows (and the ViT/16 baseline) carry no model."""
+    return row.get("model", "msvit")
+
+
+def has_three_scales(results: dict) -> bool:
+    return any(row.get("model") == "msvit3" for section in ("inference", "ragged") for row in results.get(section, []))
+
+
+def scale_label(results: dict, model: str) -> str:
+    """'2 scales (16/32)' or '3 scales (16/32/64)', as the run describes its MSViTs."""
+    default = {"msvit": "2 scales", "msvit3": "3 scales"}[model]
+    return results.get("protocol", {}).get("msvits", {}).get(model, {}).get("label", default)
+
+
+def target_name(results: dict, model: str, target: str) -> str:
+    """A target's text: the two-scale targets' as they always read, the three-scale ones labelled."""
+    return target if model == "msvit" else f"{scale_label(results, model)}, {target}"
 
 
 def check_targets(results: dict) -> list[dict]:
-    """Each speed target per (dtype, attention), with the measured value and whether it is met."""
+    """Each speed target per (dtype, attention), with the measured value and whether it is met: the same targets
+    for the three-scale MSViT as for the two-scale one, each after its two-scale counterpart."""
     targets = []
     for dtype, attn in cells(results):
-        rows = msvit_rows(results, dtype, attn)
-        middle = [row for row in rows if row["batch_size"] >= 8 and 0.25 <= row["fine_ratio"] <= 0.75]
-        if middle:
-            worst = min(middle, key=lambda row: row["efficiency"])
-            targets.append(
-                {
-                    "target": f"batch >= 8, fine ratio 0.25-0.75: speed-up >= {EFFICIENCY_TARGET} x MAC speed-up",
-                    "dtype": dtype,
-                    "attn": attn,
-                    "measured": f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']}, "
-                    f"ratio {worst['fine_ratio']})",
-                    "met": worst["efficiency"] >= EFFICIENCY_TARGET,
-                }
-            )
-        single = {row["fine_ratio"]: row for row in rows if row["batch_size"] == 1}
-        if 1.0 in single:
-            slowdown = 1 / single[1.0]["speedup_vs_vit16"]
-            targets.append(
-                {
-                    "target": f"batch 1, fine ratio 1: time <= {BATCH1_ALL_FINE_SLOWDOWN} x ViT/16",
-                    "dtype": dtype,
-                    "attn": attn,
-                    "measured": f"{slowdown:.3f} x",
-                    "met": slowdown <= BATCH1_ALL_FINE_SLOWDOWN,
-                }
-            )
-        below = [row for ratio, row in single.items() if ratio <= 0.75]
-        if below:
-            slowest = min(below, key=lambda row: row["speedup_vs_vit16"])
-            targets.append(
-                {
-                    "target": "batch 1, fine ratio <= 0.75: faster than ViT/16",
-                    "dtype": dtype,
-                    "attn": attn,
-                    "measured": f"slowest {slowest['speedup_vs_vit16']:.2f}x (ratio {slowest['fine_ratio']})",
-                    "met": slowest["speedup_vs_vit16"] > 1,
-                }
-            )
+        for model in MSVIT_MODELS:
+            targets += inference_targets(results, dtype, attn, model)
     ragged = results.get("ragged", [])
     for dtype in dict.fromkeys(row["dtype"] for row in ragged):
-        packed = [
-            row
-            for row in ragged
-            if row["dtype"] == dtype and row["path"] == "packed" and row["attn"] == "sdpa" and row["batch_size"] >= 8
-        ]
-        if packed:
-            worst = min(packed, key=lambda row: row["efficiency"])
-            targets.append(
-                {
-                    "target": f"ragged batch >= 8, packed: speed-up >= {EFFICIENCY_TARGET} x MAC speed-up",
-                    "dtype": dtype,
-                    "attn": "sdpa",
-                    "measured": f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']})",
-                    "met": worst["efficiency"] >= EFFICIENCY_TARGET,
-                }
-            )
+        for model in MSVIT_MODELS:
+            packed = [
+                row
+                for row in ragged
+                if row["dtype"] == dtype
+                and ragged_model(row) == model
+                and row["path"] == "packed"
+                and row["attn"] == "sdpa"
+                and row["batch_size"] >= 8
+            ]
+            if packed:
+                worst = min(packed, key=lambda row: row["efficiency"])
+                target = f"ragged batch >= 8, packed: speed-up >= {EFFICIENCY_TARGET} x MAC speed-up"
+                targets.append(
+                    {
+                        "target": target_name(results, model, target),
+                        "dtype": dtype,
+                        "attn": "sdpa",
+                        "measured": f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']})",
+                        "met": worst["efficiency"] >= EFFICIENCY_TARGET,
+                    }
+                )
     for row in results.get("training", []):
         if row["path"].startswith("masked"):
             targets.append(
@@ -108,29 +102,114 @@ def check_targets(results: dict) -> list[dict]:
     return targets
 
 
+def inference_targets(results: dict, dtype: str, attn: str, model: str) -> list[dict]:
+    """The fixed-budget targets of one MSViT in one (dtype, attention) cell of the inference grid; fine ratio 1 is
+    every decision node split (all finest tokens, the ViT/16's sequence)."""
+    targets = []
+    rows = msvit_rows(results, dtype, attn, model)
+    middle = [row for row in rows if row["batch_size"] >= 8 and 0.25 <= row["fine_ratio"] <= 0.75]
+    if middle:
+        worst = min(middle, key=lambda row: row["efficiency"])
+        target = f"batch >= 8, fine ratio 0.25-0.75: speed-up >= {EFFICIENCY_TARGET} x MAC speed-up"
+        targets.append(
+            {
+                "target": target_name(results, model, target),
+                "dtype": dtype,
+                "attn": attn,
+                "measured": f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']}, "
+                f"ratio {worst['fine_ratio']})",
+                "met": worst["efficiency"] >= EFFICIENCY_TARGET,
+            }
+        )
+    single = {row["fine_ratio"]: row for row in rows if row["batch_size"] == 1}
+    if 1.0 in single:
+        slowdown = 1 / single[1.0]["speedup_vs_vit16"]
+        targets.append(
+            {
+                "target": target_name(
+                    results, model, f"batch 1, fine ratio 1: time <= {BATCH1_ALL_FINE_SLOWDOWN} x ViT/16"
+                ),
+                "dtype": dtype,
+                "attn": attn,
+                "measured": f"{slowdown:.3f} x",
+                "met": slowdown <= BATCH1_ALL_FINE_SLOWDOWN,
+            }
+        )
+    below = [row for ratio, row in single.items() if ratio <= 0.75]
+    if below:
+        slowest = min(below, key=lambda row: row["speedup_vs_vit16"])
+        targets.append(
+            {
+                "target": target_name(results, model, "batch 1, fine ratio <= 0.75: faster than ViT/16"),
+                "dtype": dtype,
+                "attn": attn,
+                "measured": f"slowest {slowest['speedup_vs_vit16']:.2f}x (ratio {slowest['fine_ratio']})",
+                "met": slowest["speedup_vs_vit16"] > 1,
+            }
+        )
+    return targets
+
+
 def speedup_cell(row: dict) -> str:
     return f"{row['speedup_vs_vit16']:.2f}× ({row['mac_speedup_vs_vit16']:.2f}×)"
 
 
-def inference_table(results: dict, dtype: str, attn: str) -> list[str]:
-    rows = [row for row in results.get("inference", []) if row["dtype"] == dtype and row["attn"] == attn]
-    ratios = sorted({row["fine_ratio"] for row in rows if row["model"] == "msvit"})
+def fixed_budget_table(rows: list[dict], model: str, with_vit32: bool = True) -> list[str]:
+    """Speed-up (MAC speed-up) of an MSViT at each fine ratio, per batch size, from one cell's rows (all batch sizes of
+    one dtype, attention and image size)."""
+    ratios = sorted({row["fine_ratio"] for row in rows if row["model"] == model})
+    vit_columns = ["ViT/32"] if with_vit32 else []
     lines = [
-        "| batch | ViT/16 images/s | ViT/32 | " + " | ".join(f"MSViT {ratio:g}" for ratio in ratios) + " |",
-        "|---" * (3 + len(ratios)) + "|",
+        "| batch | ViT/16 images/s | " + " | ".join(vit_columns + [f"MSViT {ratio:g}" for ratio in ratios]) + " |",
+        "|---" * (2 + len(vit_columns) + len(ratios)) + "|",
     ]
     for batch_size in sorted({row["batch_size"] for row in rows}):
         by_model = {(row["model"], row["fine_ratio"]): row for row in rows if row["batch_size"] == batch_size}
-        cells_ = [speedup_cell(by_model[("vit32", None)])] + [speedup_cell(by_model[("msvit", r)]) for r in ratios]
+        cells_ = [speedup_cell(by_model[("vit32", None)])] if with_vit32 else []
+        cells_ += [speedup_cell(by_model[(model, ratio)]) for ratio in ratios]
         images_per_second = by_model[("vit16", None)]["images_per_second"]
         lines.append(f"| {batch_size} | {images_per_second:.1f} | " + " | ".join(cells_) + " |")
     return lines
 
 
+def scale_tables(results: dict, rows: list[dict]) -> list[str]:
+    """One cell's fixed-budget table per MSViT: the two-scale one alone as it always read, or both, labelled."""
+    if not any(row["model"] == "msvit3" for row in rows):
+        return fixed_budget_table(rows, "msvit")
+    lines = [f"*{scale_label(results, 'msvit')}*", ""] + fixed_budget_table(rows, "msvit")
+    return lines + ["", f"*{scale_label(results, 'msvit3')}*", ""] + fixed_budget_table(rows, "msvit3", False)
+
+
+def tree_description(results: dict, model: str, image_size: int, counts: dict[float, int]) -> str:
+    """'D = 58 decision nodes, 22 roots, tokens 0: 23, 0.25: 65, ...' (tokens per fine ratio, CLS included)."""
+    tree = results.get("protocol", {}).get("msvits", {}).get(model, {}).get("trees", {}).get(str(image_size))
+    shape = f"D = {tree['decisions']} decision nodes, {tree['roots']} roots, " if tree else ""
+    return shape + "tokens " + ", ".join(f"{ratio:g}: {count}" for ratio, count in sorted(counts.items()))
+
+
+def ragged_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| precision | batch | path | attention | speed-up vs ViT/16 | MAC speed-up | efficiency | images/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        precision = "fp32" if row["dtype"] == "fp32" else f"{row['dtype']} autocast"
+        lines.append(
+            f"| {precision} | {row['batch_size']} | {row['path']} | {row['attn']} | "
+            f"{row['speedup_vs_vit16']:.2f}× | {row['mac_speedup_vs_vit16']:.2f}× | {row['efficiency']:.2f} | "
+            f"{row['images_per_second']:.1f} |"
+        )
+    return lines
+
+
 def write_table(results: dict, path: Path) -> str:
-    """The Markdown report of a run (also the generated section of docs/performance.md); returns its text."""
+    """The Markdown report of a run (also the generated section of docs/performance.md); returns its text. A run
+    without three-scale rows reads exactly as before they existed."""
     machine, protocol = results["machine"], results["protocol"]
-    vit_tokens = {row["model"]: row["tokens"] for row in results.get("inference", []) if row["model"] != "msvit"}
+    vit_tokens = {
+        row["model"]: row["tokens"] for row in results.get("inference", []) if row["model"] in ("vit16", "vit32")
+    }
+    three_scales = has_three_scales(results)
     lines = [
         f"Machine: {machine['device']}, {machine['threads']} threads (`torch.set_num_threads`), torch "
         f"{machine['torch']}. {protocol['preset']} vs transformers' `ViTForImageClassification` of the same width and "
@@ -148,12 +227,42 @@ def write_table(results: dict, path: Path) -> str:
             + ", ".join(f"{ratio:g}: {tokens}" for ratio, tokens in token_counts(results).items())
             + f"; the ViT/16 has {vit_tokens['vit16']} tokens and the ViT/32 {vit_tokens['vit32']}.",
         ]
+        if three_scales and token_counts(results, "msvit3"):
+            lines += [
+                "",
+                f"*{scale_label(results, 'msvit3')}*: the same backbone with a third, larger patch size (random "
+                "weights). A fine ratio r splits round(r × D) of its D decision nodes, top-down (a region is split "
+                "only under a split parent; r = 1 splits every node: the ViT/16's tokens); every image then has 1 + "
+                f"roots + 3 × splits tokens; at {protocol['image_size']} px "
+                + tree_description(results, "msvit3", protocol["image_size"], token_counts(results, "msvit3"))
+                + f". The two-scale MSViT ({scale_label(results, 'msvit')}) decides its coarse regions only.",
+            ]
     for dtype, attn in cells(results):
         precision = "fp32" if dtype == "fp32" else f"{dtype} autocast"
         lines += ["", f"**Inference, {precision}, attn_implementation={attn!r}**", ""]
-        lines += inference_table(results, dtype, attn)
+        rows = [row for row in results.get("inference", []) if row["dtype"] == dtype and row["attn"] == attn]
+        lines += scale_tables(results, rows)
+    for image_size in dict.fromkeys(row["image_size"] for row in results.get("image_sizes", [])):
+        rows = [row for row in results["image_sizes"] if row["image_size"] == image_size]
+        tokens = {row["model"]: row["tokens"] for row in rows if row["model"] in ("vit16", "vit32")}
+        precision = "fp32" if rows[0]["dtype"] == "fp32" else f"{rows[0]['dtype']} autocast"
+        notes = [
+            f"{scale_label(results, model)}: {tree_description(results, model, image_size, ratio_tokens(rows, model))}"
+            for model in MSVIT_MODELS
+            if any(row["model"] == model for row in rows)
+        ]
+        lines += [
+            "",
+            f"**Inference at {image_size} px, {precision}, attn_implementation={rows[0]['attn']!r}** (models built "
+            f"for {image_size} px; the ViT/16 has {tokens['vit16']} tokens and the ViT/32 {tokens['vit32']}; "
+            + "; ".join(notes)
+            + ")",
+            "",
+        ]
+        lines += scale_tables(results, rows)
     if results.get("ragged"):
-        first = results["ragged"][0]
+        two_scale = [row for row in results["ragged"] if ragged_model(row) == "msvit"]
+        first = two_scale[0]
         lines += [
             "",
             f"**Ragged batches** (per-image fine ratios spread evenly over ±0.25 around the mean: "
@@ -162,16 +271,21 @@ def write_table(results: dict, path: Path) -> str:
             "the layers run on the active tokens only, attention on the padded batch; *fixed budget*: every image at "
             "the mean ratio. Efficiency: measured speed-up / MAC speed-up)",
             "",
-            "| precision | batch | path | attention | speed-up vs ViT/16 | MAC speed-up | efficiency | images/s |",
-            "|---|---|---|---|---|---|---|---|",
         ]
-        for row in results["ragged"]:
-            precision = "fp32" if row["dtype"] == "fp32" else f"{row['dtype']} autocast"
-            lines.append(
-                f"| {precision} | {row['batch_size']} | {row['path']} | {row['attn']} | "
-                f"{row['speedup_vs_vit16']:.2f}× | {row['mac_speedup_vs_vit16']:.2f}× | {row['efficiency']:.2f} | "
-                f"{row['images_per_second']:.1f} |"
-            )
+        if three_scales:
+            lines += [f"*{scale_label(results, 'msvit')}*", ""]
+        lines += ragged_table(two_scale)
+        three_scale = [row for row in results["ragged"] if ragged_model(row) == "msvit3"]
+        if three_scale:
+            first = three_scale[0]
+            lines += [
+                "",
+                f"*{scale_label(results, 'msvit3')}* (top-down layouts, the same spread of fine ratios of its "
+                f"decision nodes: {first['tokens_min']}–{first['tokens_max']} tokens, mean "
+                f"{first['tokens_mean']:.0f}; timed against the same ViT/16 runs)",
+                "",
+            ]
+            lines += ragged_table(three_scale)
     if results.get("training"):
         lines += [
             "",

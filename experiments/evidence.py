@@ -63,6 +63,16 @@ BACKBONES = ("vit-p8", "vit-p16", "vit-p8-32px")
 # clean bench's
 TEXTURED_BENCHES = {"textured": 1.0, "textured-0.6": 0.6}
 TEXTURED_DATASET = "textured_translated_fashion_mnist"
+# the sparse high-resolution bench (56 px items on 192 px canvases): its ViT/16 (144 patches) and the two coarse ViTs
+# its precondition compares it with, each with 36 patches
+SPARSE_DATASET = "sparse_translated_fashion_mnist"
+SPARSE_BACKBONES = {
+    "vit-p16-sparse": dict(patch_size=16, image_size=192),
+    "vit-p32-sparse": dict(patch_size=32, image_size=192),
+    "vit-p16-96px-sparse": dict(patch_size=16, image_size=96),
+}
+# the budgets of its studies: fractions of the gate's decisions (36 with two scales, 9 + 36 with three)
+SPARSE_RATIOS = (0.1, 0.2, 0.3, 0.5)
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ class Study:
     ablations: bool = False
     residual_ablations: bool = False
     ratios: tuple[float, ...] = (0.25, 0.4, 0.5, 0.75)
+    coarse_patch_size: int = 16
+    patch_sizes: tuple[int, ...] | None = None
 
     def figures(self, name: str) -> tuple[str, str]:
         suffix = "" if name == "shared" else f"-{name}"
@@ -96,7 +108,22 @@ STUDIES = {
         )
         for bench, contrast in TEXTURED_BENCHES.items()
     },
+    "sparse": Study(
+        "vit-p16-sparse",
+        SPARSE_DATASET,
+        "Sparse bench, two scales (16 / 32 px), on its ViT/16",
+        ratios=SPARSE_RATIOS,
+        coarse_patch_size=32,
+    ),
+    "sparse-3": Study(
+        "vit-p16-sparse",
+        SPARSE_DATASET,
+        "Sparse bench, three scales (16 / 32 / 64 px), on its ViT/16",
+        ratios=SPARSE_RATIOS,
+        patch_sizes=(16, 32, 64),
+    ),
 }
+SPARSE_STUDIES = ("sparse", "sparse-3")
 STEPS = (
     *BACKBONES,
     "shared",
@@ -105,6 +132,8 @@ STEPS = (
     "msvit-scratch",
     *(f"{backbone}-{bench}" for bench in TEXTURED_BENCHES for backbone in BACKBONES),
     *TEXTURED_BENCHES,
+    *SPARSE_BACKBONES,
+    *SPARSE_STUDIES,
 )
 
 
@@ -126,6 +155,7 @@ class EvidenceArguments:
     textured_epochs: int = field(
         default=4, metadata={"help": "Epochs of fine-tuning each clean-bench backbone on a textured bench."}
     )
+    sparse_epochs: int = field(default=12, metadata={"help": "Epochs of the sparse bench's ViTs (from scratch)."})
     checkpointing_steps: int = field(default=430, metadata={"help": "Checkpoint every N steps (resume)."})
     only: list[str] | None = field(default=None, metadata={"help": "Run only these steps (and summarise)."})
     ignore_precondition: bool = field(default=False, metadata={"help": "Run MSViT rows even if ViT/8 does not lead."})
@@ -160,6 +190,9 @@ def from_scratch_runs(args: EvidenceArguments) -> dict[str, dict]:
                 num_train_epochs=args.textured_epochs,
                 learning_rate=5e-4,
             )
+    for name, sizes in SPARSE_BACKBONES.items():
+        runs[name] = dict(stage="backbone", learning_rate=1e-3, num_train_epochs=args.sparse_epochs)
+        runs[name].update(dataset=SPARSE_DATASET, **sizes)
     return runs
 
 
@@ -201,23 +234,32 @@ def test_accuracy(out: Path, name: str) -> float | None:
     return (results.get("test") or results["validation"])["accuracy"]
 
 
+def bench_backbones(bench: str | None) -> tuple[str, ...]:
+    """A bench's fine ViT first, then the two coarse ViTs its precondition compares it with."""
+    if bench == "sparse":
+        return tuple(SPARSE_BACKBONES)
+    return tuple(f"{name}-{bench}" if bench else name for name in BACKBONES)
+
+
 def check_precondition(args: EvidenceArguments, bench: str | None = None) -> bool:
-    """The bench's ViT/8 must beat its ViT/16 and its ViT/8 on the 32 px canvas: otherwise fine tokens do not pay
-    there, and no tokenizer that adds them can look good. Printed and saved in `precondition.json` (the clean bench)
-    or `precondition-<bench>.json`."""
+    """The bench's fine ViT (ViT/8; ViT/16 on the sparse bench) must beat its coarse ViTs (twice the patch, and the
+    fine patch on the 2x downscaled canvas): otherwise fine tokens do not pay there, and no tokenizer that adds them
+    can look good. Printed and saved in `precondition.json` (the clean bench) or `precondition-<bench>.json`."""
     out = Path(args.output_dir)
     suffix = f"-{bench}" if bench else ""
-    accuracy = {name: test_accuracy(out, f"{name}{suffix}") for name in BACKBONES}
+    names = bench_backbones(bench)
+    roles = names if bench == "sparse" else BACKBONES  # a textured bench's runs under the clean bench's names
+    accuracy = {role: test_accuracy(out, name) for role, name in zip(roles, names)}
     if None in accuracy.values():
         return False
-    holds = accuracy["vit-p8"] > max(accuracy["vit-p16"], accuracy["vit-p8-32px"])
+    holds = accuracy[roles[0]] > max(accuracy[role] for role in roles[1:])
     path = out / f"precondition{suffix}.json"
     path.write_text(json.dumps({"test_accuracy": accuracy, "holds": holds}, indent=1) + "\n")
     verdict = "holds" if holds else "FAILS: train longer or wider before reading any MSViT row"
     print(
         f"== precondition{f' ({bench} bench)' if bench else ''} (test top-1): "
         + ", ".join(f"{name} {100 * value:.2f} %" for name, value in accuracy.items())
-        + f": ViT/8 beats both {verdict}"
+        + f": {names[0]} beats both: {verdict}"
     )
     return holds
 
@@ -231,6 +273,8 @@ def study_args(name: str, args: EvidenceArguments) -> GateStudyArguments:
         dataset=study.dataset,
         background_contrast=study.background_contrast,
         seeds=list(args.seeds),
+        coarse_patch_size=study.coarse_patch_size,
+        patch_sizes=list(study.patch_sizes) if study.patch_sizes else None,
         gate_train_samples=args.gate_train_samples,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
@@ -255,7 +299,8 @@ def run(args: EvidenceArguments) -> None:
             continue
         is_msvit = step in STUDIES or step == "msvit-scratch"
         if is_msvit and not args.ignore_precondition:
-            bench = step if step in TEXTURED_BENCHES else None  # the clean and cluttered benches share the clean one's
+            # the clean and cluttered benches share the clean one's precondition
+            bench = step if step in TEXTURED_BENCHES else "sparse" if step in SPARSE_STUDIES else None
             if bench not in preconditions:
                 preconditions[bench] = check_precondition(args, bench)
             if not preconditions[bench]:
@@ -285,7 +330,8 @@ def from_scratch_rows(args: EvidenceArguments) -> list[dict]:
     rows = []
     for name, run in from_scratch_runs(args).items():
         path = out / name / "results.json"
-        if "model_name_or_path" in run or not path.is_file():  # the textured benches' backbones are fine-tuned
+        # the textured benches' backbones are fine-tuned, the sparse bench's read other data: each bench has its table
+        if "model_name_or_path" in run or name in SPARSE_BACKBONES or not path.is_file():
             continue
         results = json.loads(path.read_text())
         if results["stage"] == "scratch":
@@ -308,10 +354,10 @@ def backbone_row(name: str, results: dict) -> dict:
     }  # fmt: skip
 
 
-def textured_backbone_rows(args: EvidenceArguments, bench: str) -> list[dict]:
-    """The finished backbones of a textured bench (the clean bench's, fine-tuned on it)."""
+def bench_backbone_rows(args: EvidenceArguments, bench: str) -> list[dict]:
+    """The finished backbones of a textured bench (the clean bench's, fine-tuned on it) or of the sparse bench."""
     out = Path(args.output_dir)
-    names = [f"{backbone}-{bench}" for backbone in BACKBONES]
+    names = bench_backbones(bench)
     return [
         backbone_row(name, json.loads((out / name / "results.json").read_text()))
         for name in names
@@ -384,12 +430,12 @@ def summarise(args: EvidenceArguments) -> dict:
         summary["precondition"] = json.loads(precondition.read_text())
     sections = ["#### Trained from scratch (seed 0)", "", from_scratch_table(summary["from_scratch"])]
     curves = list(summary["from_scratch"])
-    for bench in TEXTURED_BENCHES:
-        rows = summary[f"backbones-{bench}"] = textured_backbone_rows(args, bench)
+    for bench in (*TEXTURED_BENCHES, "sparse"):
+        rows = summary[f"backbones-{bench}"] = bench_backbone_rows(args, bench)
         if rows:
             curves += rows
-            title = f"#### Backbones of the {bench} bench (the clean bench's fine-tuned on it)"
-            sections += [title, "", from_scratch_table(rows)]
+            origin = "trained from scratch" if bench == "sparse" else "the clean bench's fine-tuned on it"
+            sections += [f"#### Backbones of the {bench} bench ({origin})", "", from_scratch_table(rows)]
     for name, study in STUDIES.items():
         results = study_results(out, name)
         if results:
@@ -398,6 +444,9 @@ def summarise(args: EvidenceArguments) -> dict:
             accuracy_plot, maps = study.figures(name)
             plot_accuracy_vs_gmacs(summary, name, out / accuracy_plot)
             study_gate_maps(args, name, out / maps)
+    if all(name in summary for name in SPARSE_STUDIES):
+        sections += [f"#### {SCALES_TITLE}", "", scales_table(summary)]
+        plot_scales(summary, out / SCALES_FIGURE)
     (out / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text("\n".join(sections))
     plot_learning_curves(curves, out / "learning_curves.png")
@@ -424,7 +473,12 @@ def docs_section(args: EvidenceArguments, tables: str) -> str:
         "the item, test photos never seen in training, backgrounds spanning [0, contrast] of the pixel range): each "
         f"of the three clean-bench ViTs fine-tuned {args.textured_epochs} epochs at 5e-4, its own precondition "
         "checked; budgets 0.25, 0.4, 0.5; the residual gate's ablations (one seed) on the full-contrast bench. The "
-        "residual gate starts from the training-free rule with the best validation top-1 on its frozen backbone."
+        "residual gate starts from the training-free rule with the best validation top-1 on its frozen backbone. "
+        "Sparse bench (Fashion-MNIST items upscaled to 56 px on 192 px canvases: the item covers about 8.5 % of the "
+        f"image): a ViT/16 (144 patches) trained from scratch for {args.sparse_epochs} epochs, its precondition "
+        "against a ViT/32 and a ViT/16 on the 96 px canvas; every policy with two scales (16 / 32 px) and three (16 / "
+        "32 / 64 px, decided top-down) at fine ratios " + ", ".join(f"{ratio:g}" for ratio in SPARSE_RATIOS) + " of "
+        "the gate's decisions (36 with two scales, 9 + 36 with three), compared at matched GMACs."
     )
     gates = "the best training-free rule, straight-through, counterfactual, residual"
     plots = []
@@ -435,6 +489,8 @@ def docs_section(args: EvidenceArguments, tables: str) -> str:
                 f"![Test top-1 against GMACs, {study.title}, frozen and fine-tuned]({figures}/{accuracy})",
                 f"![Gate maps at fine ratio 0.5, {study.title}: {gates}]({figures}/{maps})",
             ]
+    if (Path(out) / SCALES_FIGURE).is_file():
+        plots.append(f"![{SCALES_TITLE}]({figures}/{SCALES_FIGURE})")
     plots.append(f"![Validation curves of the backbones]({figures}/learning_curves.png)")
     plots = "\n\n".join(plots)
     return f"{protocol}\n\n{tables}\n{plots}"
@@ -513,6 +569,80 @@ def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
     plt.close(figure)
 
 
+SCALES_TITLE = "Sparse bench: two against three scales, frozen ViT/16 (mean over seeds)"
+SCALES_FIGURE = "accuracy_vs_gmacs-sparse-scales.png"
+SCALES_KINDS = ("entropy", "std", "residual", "counterfactual", "straight_through", "random")
+
+
+def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float, float]]], float]:
+    """Kind -> sorted `(GMACs, test top-1 %)` means over seeds of a study's frozen rows at its fixed budgets, and its
+    all-fine top-1."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    all_fine = None
+    for (kind, tuning, budget), group in group_rows(summary[study]["rows"]).items():
+        if tuning != "frozen" or budget.startswith("threshold"):
+            continue
+        point = (
+            statistics.mean(row["test"]["gmacs"] for row in group),
+            statistics.mean(100 * row["test"]["accuracy"] for row in group),
+        )
+        if kind == "all_fine":
+            all_fine = point[1]
+        elif kind in SCALES_KINDS:
+            curves.setdefault(kind, []).append(point)
+    return {kind: sorted(points) for kind, points in curves.items()}, all_fine
+
+
+def scales_table(summary: dict, tolerance: float = 1.0) -> str:
+    """Per gate, the fewest GMACs at which two and three scales keep test top-1 within `tolerance` points of all
+    fine (among the budgets measured), and their ratio: the issue's target is three scales at <= 0.8x."""
+    two, all_fine = scale_curves(summary, "sparse")
+    three, _ = scale_curves(summary, "sparse-3")
+    lines = [
+        f"All fine: {all_fine:.2f} % test top-1. Fewest GMACs within {tolerance:g} point of it:",
+        "",
+        "| gate | 2 scales: GMACs (top-1) | 3 scales: GMACs (top-1) | 3 / 2 |",
+        "|---|---|---|---|",
+    ]
+
+    def cheapest(points):
+        kept = [point for point in points if point[1] >= all_fine - tolerance]
+        return min(kept) if kept else None
+
+    for kind in SCALES_KINDS:
+        best = [cheapest(curves.get(kind, [])) for curves in (two, three)]
+        cells = ["not reached" if point is None else f"{point[0]:.4f} ({point[1]:.2f} %)" for point in best]
+        ratio = f"{best[1][0] / best[0][0]:.2f}x" if None not in best else ""
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scales(summary: dict, path: Path) -> None:
+    """Test top-1 against GMACs of every gate with two scales (solid) and three (dashed), frozen, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for study, style in (("sparse", "-"), ("sparse-3", "--")):
+        curves, all_fine = scale_curves(summary, study)
+        for kind, points in curves.items():
+            gmacs, accuracy = zip(*points)
+            scales = "3 scales" if study == "sparse-3" else "2 scales"
+            axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4, label=f"{kind}, {scales}")
+    axes.axhline(all_fine, color="black", linewidth=0.8, label="all fine")
+    axes.axhline(all_fine - 1, color="black", linewidth=0.8, linestyle=":", label="all fine - 1 point")
+    axes.set_xlabel("GMACs per image")
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_title(SCALES_TITLE, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+
 def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images: int = 6) -> None:
     """Gate maps at fine ratio 0.5 on a study's frozen ViT/8, one row per gate: the best training-free rule,
     straight-through, counterfactual and residual (seed of the first run; a gate not trained yet is left out), on the
@@ -539,9 +669,11 @@ def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images:
     }
     rows = []
     for overrides, weights in gates.values():
+        sizes = {"patch_sizes": list(bench.patch_sizes)} if bench.patch_sizes else {}
         model = MSViTForImageClassification.from_vit(
-            backbone, coarse_patch_size=16, size_aware_attention=True, fine_ratio_budget=0.5, **overrides
-        ).eval()
+            backbone, coarse_patch_size=bench.coarse_patch_size, size_aware_attention=True, fine_ratio_budget=0.5,
+            **sizes, **overrides,
+        ).eval()  # fmt: skip
         if weights is not None:
             if not weights.is_file():
                 continue

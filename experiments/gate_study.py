@@ -116,6 +116,12 @@ class GateStudyArguments:
         metadata={"help": "Counterfactual gate: split where the predicted loss drop exceeds this many nats."},
     )
     coarse_patch_size: int = field(default=16, metadata={"help": "Coarse patch size of the converted MSViT."})
+    patch_sizes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "More than two patch sizes, finest first (the backbone's patch first); replaces the coarse one."
+        },
+    )
     gate_train_samples: int = field(default=20000, metadata={"help": "Training images of every gate."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Training images (default: all)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on subsets (smoke tests)."})
@@ -174,7 +180,7 @@ class GateStudy:
         )
         splits = load_classification_splits(args.dataset, background_contrast=args.background_contrast, **load)
         self.data = split_tensors(splits, processor, self.num_channels)
-        self.items = translated_item_regions(args.dataset, processor, self.num_channels, args.coarse_patch_size, load)
+        self.items = translated_item_regions(args.dataset, processor, self.model().config, load)
         generator = torch.Generator().manual_seed(args.data_seed)
         subset = torch.randperm(len(self.data["train"][1]), generator=generator)[: args.gate_train_samples]
         self.gate_data = tuple(tensor[subset] for tensor in self.data["train"])
@@ -185,8 +191,9 @@ class GateStudy:
 
     def model(self, **overrides) -> MSViTForImageClassification:
         overrides = {"size_aware_attention": True, **overrides}
+        sizes = {"patch_sizes": self.args.patch_sizes} if self.args.patch_sizes else {}
         return MSViTForImageClassification.from_vit(
-            self.vit, coarse_patch_size=self.args.coarse_patch_size, **overrides
+            self.vit, coarse_patch_size=self.args.coarse_patch_size, **sizes, **overrides
         ).eval()
 
     def save(self) -> None:

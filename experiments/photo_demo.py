@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     num_coarse = outputs.split_mask.shape[1]
 
     size = (processor.size["width"], processor.size["height"])
+    tree = model.base_model.scale_tree(size[1], size[0])
     rows, panels, captions = [], [], []
     for name, image, split_mask, count, image_macs in zip(
         PHOTOS, images, outputs.split_mask, outputs.token_counts, macs
     ):
-        gate_map = render_gate_map(image.resize(size), split_mask, config.coarse_grid_size, config.scale_ratio)
+        gate_map = render_gate_map(image.resize(size), split_mask, tree)
         gate_map.save(output / "gate_maps" / f"{name}.png")
         panels.append(gate_map)
         captions.append(f"{name}: {int(split_mask.sum())}/{num_coarse} split, {int(count)} tokens")

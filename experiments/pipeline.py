@@ -59,7 +59,7 @@ from msvit.train.gate_training import (
 from msvit.train.msvit_recipe import GATE_LEARNING_RATES, GATE_RECIPES, predicted_drop_threshold, residual_gate_recipe
 from msvit.train.reporting import gate_maps
 from msvit.train.run_classification import ClassificationArguments, train_classifier
-from msvit.train.split_policies import forced_split_mask
+from msvit.train.split_policies import forced_split_mask, image_tree
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -290,11 +290,6 @@ class Pipeline:
         check_labels(self.backbone, self.splits)
         self.data = split_tensors(self.splits, self.processor, config.num_channels)
         check_inputs(self.data["test"][0], config, self.coarse)
-        # split rates per item and background region, where the data set knows its items (translated canvases)
-        self.items = None
-        if knows_items(args.dataset):
-            load = dict(seed=args.seed, max_eval_samples=args.max_eval_samples)
-            self.items = translated_item_regions(args.dataset, self.processor, config.num_channels, self.coarse, load)
         if config.model_type == "msvit":
             if self.coarse != config.coarse_patch_size:
                 raise ValueError(f"An MSViT backbone keeps its coarse patch ({config.coarse_patch_size}).")
@@ -303,6 +298,11 @@ class Pipeline:
             self.base = MSViTForImageClassification.from_vit(
                 self.backbone, coarse_patch_size=self.coarse, size_aware_attention=True
             ).eval()
+        # split rates per item and background region, where the data set knows its items (translated canvases)
+        self.items = None
+        if knows_items(args.dataset):
+            load = dict(seed=args.seed, max_eval_samples=args.max_eval_samples)
+            self.items = translated_item_regions(args.dataset, self.processor, self.base.config, load)
         self.rows: list[dict] = []
         self.models: dict[str, MSViTForImageClassification] = {}  # gated policy -> its model
 
@@ -435,8 +435,10 @@ class Pipeline:
         if model is not None:
             return lambda batch: budgeted(model, row)(batch)
         policy = {"all fine": "all_fine", "all coarse": "all_coarse", **RANKED}[row["policy"]]
-        grid, ratio = self.base.config.coarse_grid_size, row.get("fine_ratio", 0.0)
-        return lambda batch: self.base(batch, split_mask=forced_split_mask(policy, len(batch), grid, ratio))
+        config, ratio = self.base.config, row.get("fine_ratio", 0.0)
+        return lambda batch: self.base(
+            batch, split_mask=forced_split_mask(policy, len(batch), image_tree(config, batch), ratio)
+        )
 
     def export(self) -> dict:
         """The cheapest gated setting within `--max_accuracy_drop` points of all fine on validation, as a Hub folder,

@@ -99,6 +99,15 @@ class ScaleTree:
         """`(D,)` each decision node's row in the grids of levels 1 ... S-1 concatenated (`by_decision`)."""
         return self.grid_row[: self.num_decisions] - self.num_fine
 
+    def candidate_boxes(self) -> torch.Tensor:
+        """`(N, 3)` long: each candidate's top row and left column on the finest grid, and its side, in finest
+        cells."""
+        sizes = [rows * columns for rows, columns in self.level_grids]
+        offsets = self.level.new_tensor([sum(sizes[:level]) for level in range(self.num_scales)])[self.level]
+        columns = self.level.new_tensor([columns for _, columns in self.level_grids])[self.level]
+        within, side = self.grid_row - offsets, self.ratio**self.level
+        return torch.stack([within // columns * side, within % columns * side, side], dim=1)
+
     def to(self, device) -> "ScaleTree":
         return replace(self, **{name: getattr(self, name).to(device) for name in TREE_TENSORS})
 
@@ -462,23 +471,24 @@ def topk_split_mask(split_logits: torch.Tensor, num_split: int) -> torch.Tensor:
     return split_mask.scatter(1, split_logits.topk(num_split, dim=1).indices, True)
 
 
-def budget_split_mask(split_logits: torch.Tensor, num_split: int, tree: ScaleTree) -> torch.Tensor:
-    """Split exactly `num_split` nodes per image, top-down by the gate's ranking: `(B, D)` effective decisions.
+def top_down_key(scores: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Per-decision keys `(B, D)` whose ranking is top-down: the smaller of a node's score and the float just below its
+    parent's key, so every child ranks strictly below its parent and any top-k set holds its nodes' ancestors. Taking
+    nodes in this order is best-first expansion (always split the highest-scoring node whose parent is split). With
+    two scales the key is the score itself."""
+    if tree.num_scales == 2:
+        return scores
+    key = scores.float()
+    for _ in range(tree.num_scales - 2):
+        parent_key = _parent_values(key, tree, float("inf"))[:, : tree.num_decisions]
+        key = torch.minimum(scores.float(), torch.nextafter(parent_key, torch.full_like(parent_key, -float("inf"))))
+    return key
 
-    This is best-first expansion (always split the highest-scoring node whose parent is split), computed in one
-    `topk`: a node's key is the smaller of its logit and the float just below its parent's key, so every child
-    ranks strictly below its parent and any top-k set holds its nodes' ancestors. With two scales the key is the
-    logit, and this is `topk_split_mask`.
-    """
-    key = split_logits
-    if tree.num_scales > 2:
-        key = split_logits.float()
-        for _ in range(tree.num_scales - 2):
-            parent_key = _parent_values(key, tree, float("inf"))[:, : tree.num_decisions]
-            key = torch.minimum(
-                split_logits.float(), torch.nextafter(parent_key, parent_key.new_tensor(-float("inf")))
-            )
-    return topk_split_mask(key, num_split)
+
+def budget_split_mask(split_logits: torch.Tensor, num_split: int, tree: ScaleTree) -> torch.Tensor:
+    """Split exactly `num_split` nodes per image, top-down by the gate's ranking (`top_down_key`), in one `topk`:
+    `(B, D)` effective decisions. With two scales this is `topk_split_mask`."""
+    return topk_split_mask(top_down_key(split_logits, tree), num_split)
 
 
 __all__ = [
@@ -506,5 +516,6 @@ __all__ = [
     "token_counts",
     "token_sizes",
     "tokens_to_grid",
+    "top_down_key",
     "topk_split_mask",
 ]

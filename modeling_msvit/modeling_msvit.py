@@ -770,8 +770,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
             levels = self.config.num_scales - 1
             if len(values) not in (1, levels) or not all(0.0 < value < 1.0 for value in values):
                 raise ValueError(
-                    f"`threshold` must lie in (0, 1): one value, or one per decision level ({levels}, finest first), "
-                    f"got {threshold}."
+                    f"`threshold` must lie in (0, 1), got {threshold}: one value, or one per decision level "
+                    f"({levels}, finest first)."
                 )
             self.config.gate_threshold = values[0] if isinstance(threshold, (int, float)) else values
         self.config.fine_ratio_budget = fine_ratio

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import ViTImageProcessorPil
 
+from modeling_msvit.mixed_scale_tokens import build_scale_tree
 from msvit.train.data import (
     CANVAS_SIZES,
     CLEAN_CANVASES,
@@ -46,6 +47,7 @@ from msvit.train.data import (
 )
 from msvit.train.evaluation import processed_pixel_values
 from msvit.train.gate_training import content_regions, translated_item_regions
+from tests.conftest import tiny_config
 
 
 REAL_DATA_PRESENT = all((FASHION_MNIST_DIR / name).is_file() for pair in FASHION_MNIST_FILES.values() for name in pair)
@@ -435,21 +437,24 @@ def test_item_regions_of_the_translated_sets(tiny_dir, processor):
         "textured_translated_fashion_mnist": "translated_fashion_mnist",
     }
     load = dict(data_dir=tiny_dir, validation_size=100, max_eval_samples=40)
+    config = tiny_config(num_channels=1)  # 32 px images, 4 x 4 regions of 8 px
+    tree = build_scale_tree((8, 8), 2, 2)
     # clean canvases (translated, sparse): every region with content is the item's
     for name in ("translated_fashion_mnist", "sparse_translated_fashion_mnist"):
-        assert translated_item_regions(name, processor, 1, 8, load) == {"validation": None, "test": None}
+        assert translated_item_regions(name, processor, config, load) == {"validation": None, "test": None}
     # cluttered and textured: the regions with content on the clean translated canvases, as before
     clean = load_classification_splits("translated_fashion_mnist", **load)
-    expected = {split: content_regions(processed_pixel_values(clean[split], processor, 1), 8) for split in clean}
+    expected = {split: content_regions(processed_pixel_values(clean[split], processor, 1), tree, 4) for split in clean}
     for name in ("cluttered_translated_fashion_mnist", "textured_translated_fashion_mnist"):
-        regions = translated_item_regions(name, processor, 1, 8, load)
+        regions = translated_item_regions(name, processor, config, load)
         assert regions.keys() == {"validation", "test"}
         assert all(
             regions[split].shape == (40, 16) and torch.equal(regions[split], expected[split]) for split in regions
         )
     # on the sparse canvases every item shows in 1 to 9 regions of 32 px (56 px span 2 or 3 cells along each axis)
     sparse = load_classification_splits("sparse_translated_fashion_mnist", **load)["test"]
-    content = content_regions(torch.from_numpy(canvases_of(sparse)).float()[:, None] * 2 - 1, 32)
+    canvases = torch.from_numpy(canvases_of(sparse)).float()[:, None] * 2 - 1
+    content = content_regions(canvases, build_scale_tree((12, 12), 2, 2), 16)
     assert content.any(1).all() and content.sum(1).max() <= 9
 
 

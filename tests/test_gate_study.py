@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTForImageClassification
+from modeling_msvit.mixed_scale_tokens import build_scale_tree, close_splits
 from msvit.train.gate_training import (
     GateTrainingArguments,
     content_regions,
@@ -24,7 +25,7 @@ def test_content_regions_and_split_rates_by_hand(config):
     pixel_values = torch.full((2, 3, 32, 32), -1.0)
     pixel_values[0, :, 0:4, 0:4] = 1.0  # region 0 of image 0 holds content
     pixel_values[1, :, 30:32, 30:32] = 0.5  # region 15 of image 1
-    content = content_regions(pixel_values, 8)
+    content = content_regions(pixel_values, build_scale_tree((8, 8), 2, 2), 4)
     assert content.sum() == 2 and content[0, 0] and content[1, 15]
 
     model = MSViTForImageClassification(config).eval()
@@ -59,7 +60,8 @@ def test_content_regions_and_split_rates_by_hand(config):
 def test_uniform_density_layouts_follow_the_policy_order(config):
     torch.manual_seed(0)
     scores = torch.randn(4000, 16)
-    layouts = uniform_density_split_mask(scores)
+    tree = build_scale_tree((8, 8), 2, 2)
+    layouts = uniform_density_split_mask(scores, tree)
     counts = layouts.sum(1)
     assert set(counts.tolist()) == set(range(17))  # every density from all coarse to all fine
     assert abs(counts.float().mean().item() - 8) < 0.3
@@ -67,12 +69,17 @@ def test_uniform_density_layouts_follow_the_policy_order(config):
     rank = scores.argsort(1, descending=True).argsort(1)
     assert torch.equal(layouts, rank < counts[:, None])
 
-    centre = policy_scores("centre", 3, (4, 4))
-    assert torch.equal(centre.argsort(1, descending=True)[0], centre_prior_order((4, 4)))
-    random = policy_scores("random", 2, (4, 4), torch.Generator().manual_seed(0))
+    centre = policy_scores("centre", 3, tree)
+    assert torch.equal(centre.argsort(1, descending=True)[0], centre_prior_order(tree))
+    random = policy_scores("random", 2, tree, torch.Generator().manual_seed(0))
     assert random.shape == (2, 16) and not torch.equal(random[0], random[1])
     with pytest.raises(ValueError, match="random"):
-        policy_scores("all_fine", 2, (4, 4))
+        policy_scores("all_fine", 2, tree)
+    # three sizes: every density, each layout top-down (a region only under a split parent)
+    three = build_scale_tree((8, 8), 2, 3)
+    layouts = uniform_density_split_mask(torch.randn(4000, three.num_decisions), three)
+    assert set(layouts.sum(1).tolist()) == set(range(three.num_decisions + 1))
+    assert torch.equal(layouts, close_splits(layouts, three))
 
     # a rule gate's own ranking: its highest-entropy regions are split first
     model = MSViTForImageClassification(config.__class__(**{**config.to_dict(), "gate_type": "entropy"}))
@@ -191,6 +198,30 @@ def test_gate_study_on_the_textured_bench_starts_the_residual_gate_from_the_best
     assert "layers.0.weight" in load_file(gates / "residual_(other_rule)-seed=0.safetensors")
     with pytest.raises(ValueError, match="No training-free rule"):
         best_training_free_rule(rows, [0.75])
+
+
+@needs_data
+def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
+    """8 / 16 / 32 px on the tiny ViT/8's 64 px input: 2 x 2 top regions over 4 x 4 regions (D = 20 decisions)."""
+    from msvit.experiments.gate_study import main
+
+    torch.set_num_threads(1)
+    rows = main([
+        "--backbone", str(tiny_backbone(tmp_path)), "--output_dir", str(tmp_path / "study"), "--seeds", "0",
+        "--ratios", "0.5", "--dataset", "sparse_translated_fashion_mnist", "--patch_sizes", "8", "16", "32",
+        "--max_train_samples", "32", "--gate_train_samples", "32", "--max_eval_samples", "32", "--timing_images",
+        "32", "--timing_repeats", "1", "--no_finetune", "--no_ablations",
+    ])  # fmt: skip
+    for name, row in rows.items():
+        expected_tokens = {"all_fine": 65, "all_coarse": 5}.get(row["kind"], 1 + 4 + 3 * 10)
+        if row["budget"] != "threshold" and row["kind"] != "content":
+            assert row["test"]["tokens"] == expected_tokens, name
+    # the oracle splits exactly the regions that hold the item, at every level: every one, and nothing empty
+    oracle = rows["content|frozen|-"]["test"]
+    assert oracle["split_rate_content"] == 1.0 and oracle["split_rate_empty"] == 0.0
+    assert {"residual", "counterfactual", "straight_through", "entropy", "random"} <= {
+        row["kind"] for row in rows.values()
+    }
 
 
 def tiny_backbone(tmp_path):

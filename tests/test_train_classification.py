@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from modeling_msvit import MSViTConfig
+from modeling_msvit.mixed_scale_tokens import build_scale_tree, close_splits
 from msvit.train.data import FASHION_MNIST_DIR
 from msvit.train.run_classification import main
 from msvit.train.split_policies import centre_prior_order, forced_split_mask
@@ -120,18 +121,31 @@ def test_forced_split_policies_give_exact_budgets(tmp_path, policy):
 
 
 def test_centre_prior_and_random_policies():
-    assert sorted(centre_prior_order((4, 4))[:4].tolist()) == [5, 6, 9, 10]
-    assert centre_prior_order((3, 3))[0].item() == 4
-    mask = forced_split_mask("centre", 2, (4, 4), 0.25)
+    tree = build_scale_tree((8, 8), 2, 2)  # 4 x 4 coarse regions
+    assert sorted(centre_prior_order(tree)[:4].tolist()) == [5, 6, 9, 10]
+    assert centre_prior_order(build_scale_tree((6, 6), 2, 2))[0].item() == 4
+    mask = forced_split_mask("centre", 2, tree, 0.25)
     assert mask.sum(1).tolist() == [4, 4] and mask[:, [5, 6, 9, 10]].all()
-    random = forced_split_mask("random", 512, (4, 4), 0.5, torch.Generator().manual_seed(0))
+    random = forced_split_mask("random", 512, tree, 0.5, torch.Generator().manual_seed(0))
     assert (
         random.sum(1).eq(8).all() and 0.3 < random.float().mean(0).min() and random.float().mean(0).max() < 0.7
     )  # uniform over regions
-    assert forced_split_mask("gate", 2, (4, 4), 0.5) is None
-    assert forced_split_mask("all_fine", 2, (4, 4), 0.1).all()
+    # the regions every earlier version drew from the same generator: the lowest draws
+    drawn = torch.rand(512, 16, generator=torch.Generator().manual_seed(0)).argsort(1)[:, :8]
+    assert torch.equal(random, torch.zeros_like(random).scatter(1, drawn, True))
+    assert forced_split_mask("gate", 2, tree, 0.5) is None
+    assert forced_split_mask("all_fine", 2, tree, 0.1).all()
     with pytest.raises(ValueError, match="Unknown split policy"):
-        forced_split_mask("learned", 2, (4, 4), 0.5)
+        forced_split_mask("learned", 2, tree, 0.5)
+    # three sizes (a 2 x 2 top grid, decisions 0-3, over 4 x 4 regions grouped by parent, 4-19): the 4 central
+    # regions (each top region's inner child) come first, then the top regions, all at the same distance
+    three = build_scale_tree((8, 8), 2, 3)
+    assert centre_prior_order(three)[:8].tolist() == [7, 10, 13, 16, 0, 1, 2, 3]
+    # top-down: a central region only under its split top region
+    mask = forced_split_mask("centre", 3, three, 6 / 20)
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 2, 7, 10, 13] and torch.equal(mask[0], mask[2])
+    random = forced_split_mask("random", 64, three, 0.5, torch.Generator().manual_seed(0))
+    assert random.sum(1).eq(10).all() and torch.equal(random, close_splits(random, three))
 
 
 @needs_data
@@ -219,3 +233,52 @@ def test_evidence_textured_benches_have_their_own_backbones_and_precondition(tmp
     assert saved == {"test_accuracy": {"vit-p8": 0.5, "vit-p16": 0.45, "vit-p8-32px": 0.52}, "holds": False}
     assert "== precondition (textured bench) (test top-1)" in capsys.readouterr().out
     assert not (tmp_path / "precondition.json").exists()
+
+
+def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
+    from msvit.experiments.evidence import (
+        SPARSE_RATIOS,
+        STEPS,
+        STUDIES,
+        EvidenceArguments,
+        check_precondition,
+        from_scratch_runs,
+        scales_table,
+    )
+
+    args = EvidenceArguments(output_dir=str(tmp_path), sparse_epochs=5)
+    runs = from_scratch_runs(args)
+    assert {name: (runs[name]["patch_size"], runs[name]["image_size"]) for name in runs if "sparse" in name} == {
+        "vit-p16-sparse": (16, 192), "vit-p32-sparse": (32, 192), "vit-p16-96px-sparse": (16, 96),
+    }  # fmt: skip
+    assert all(runs[name]["num_train_epochs"] == 5 for name in runs if "sparse" in name)
+    two, three = STUDIES["sparse"], STUDIES["sparse-3"]
+    assert (two.coarse_patch_size, two.patch_sizes, three.patch_sizes) == (32, None, (16, 32, 64))
+    assert two.backbone == three.backbone == "vit-p16-sparse" and two.ratios == three.ratios == SPARSE_RATIOS
+    assert STEPS.index("vit-p16-96px-sparse") < STEPS.index("sparse") < STEPS.index("sparse-3")
+    for name, accuracy in (("vit-p16-sparse", 0.8), ("vit-p32-sparse", 0.7), ("vit-p16-96px-sparse", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"test": {"accuracy": accuracy}}))
+    assert check_precondition(args, "sparse")
+    assert json.loads((tmp_path / "precondition-sparse.json").read_text())["holds"]
+    assert "vit-p16-sparse beats both: holds" in capsys.readouterr().out
+
+    def rows(points: dict) -> dict:
+        return {
+            f"{kind}|frozen|{budget}|seed={seed}": {
+                "kind": kind, "tuning": "frozen", "budget": budget, "seed": seed,
+                "test": {"gmacs": gmacs, "accuracy": accuracy + 0.002 * seed},
+            }
+            for (kind, budget), (gmacs, accuracy) in points.items()
+            for seed in (0, 1)
+        }  # fmt: skip
+
+    all_fine = {("all_fine", "-"): (1.0, 0.80)}
+    summary = {
+        "sparse": {"rows": rows({**all_fine, ("std", "ratio=0.1"): (0.5, 0.70), ("std", "ratio=0.3"): (0.6, 0.795)})},
+        "sparse-3": {"rows": rows({**all_fine, ("std", "ratio=0.1"): (0.3, 0.795), ("std", "ratio=0.3"): (0.4, 0.8)})},
+    }
+    table = scales_table(summary)
+    # all fine 80.1 %; two scales reach 79.6 % at 0.6 GMACs, three 79.6 % at 0.3: 0.5x
+    assert "All fine: 80.10 %" in table and "| std | 0.6000 (79.60 %) | 0.3000 (79.60 %) | 0.50x |" in table
+    assert "| entropy | not reached | not reached |  |" in table

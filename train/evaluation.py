@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from modeling_msvit.macs_msvit import vit_macs_for_config
 from msvit.train.data import make_transforms
-from msvit.train.split_policies import forced_split_mask
+from msvit.train.split_policies import forced_split_mask, image_tree
 
 
 def is_msvit(model: torch.nn.Module) -> bool:
@@ -24,9 +24,11 @@ def is_msvit(model: torch.nn.Module) -> bool:
 def forced_split_kwargs(
     config, policy: str, pixel_values: torch.Tensor, fine_ratio: float, generator: torch.Generator | None = None
 ) -> dict:
-    """`{"split_mask": (B, Nc) bool}` on the images' device for a non-gate split policy, `{}` for the gate."""
-    split_mask = forced_split_mask(policy, len(pixel_values), config.coarse_grid_size, fine_ratio, generator)
-    return {} if split_mask is None else {"split_mask": split_mask.to(pixel_values.device)}
+    """`{"split_mask": (B, D) bool}` on the images' device for a non-gate split policy, `{}` for the gate."""
+    if policy == "gate":
+        return {}
+    split_mask = forced_split_mask(policy, len(pixel_values), image_tree(config, pixel_values), fine_ratio, generator)
+    return {"split_mask": split_mask.to(pixel_values.device)}
 
 
 @torch.no_grad()

@@ -11,12 +11,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from modeling_msvit.mixed_scale_tokens import ScaleTree, by_decision
 from msvit.train.data import CLEAN_CANVASES, load_classification_splits
 from msvit.train.evaluation import processed_pixel_values
-from msvit.train.split_policies import forced_split_mask, policy_scores, uniform_density_split_mask
+from msvit.train.split_policies import forced_split_mask, image_tree, policy_scores, uniform_density_split_mask
 from msvit.train.training_loop import STAGE_LAYOUTS, freeze_all_but_gate
 
 
@@ -99,15 +101,15 @@ def forced_layouts(
     """The split mask `train_on_tensors` imposes on a batch (None: the model decides)."""
     if split_policy is None:
         return None
-    grid = model.config.coarse_grid_size
+    tree = image_tree(model.config, pixel_values)
     if not uniform_density:
-        return forced_split_mask(split_policy, len(pixel_values), grid, fine_ratio or 0.0)
+        return forced_split_mask(split_policy, len(pixel_values), tree, fine_ratio or 0.0)
     if split_policy == "gate":
         with torch.no_grad():  # the gate's scores, from the gate alone
             scores = model.base_model.embeddings.predict_split_logits(pixel_values)
     else:
-        scores = policy_scores(split_policy, len(pixel_values), grid)
-    return uniform_density_split_mask(scores)
+        scores = policy_scores(split_policy, len(pixel_values), tree)
+    return uniform_density_split_mask(scores, tree)
 
 
 def split_tensors(splits, image_processor, num_channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -121,22 +123,21 @@ def split_tensors(splits, image_processor, num_channels: int) -> dict[str, tuple
     }
 
 
-def translated_item_regions(
-    dataset: str, image_processor, num_channels: int, coarse_patch_size: int, load: dict
-) -> dict[str, torch.Tensor | None]:
-    """Validation and test `(N, Nc)` bool item regions of a translated canvas data set (`load`: the keyword arguments
-    of `load_classification_splits` that chose its images): for a data set composed on another one's canvases
-    (`CLEAN_CANVASES`: cluttered, textured), the regions with content on its clean canvas, which holds the same items
-    at the same places. None for clean canvases (translated, sparse) and any other data set, where every region with
-    content is the item's."""
+def translated_item_regions(dataset: str, image_processor, config, load: dict) -> dict[str, torch.Tensor | None]:
+    """Validation and test `(N, D)` bool item regions of a translated canvas data set, for the gate's decisions of an
+    MSViT `config` (`load`: the keyword arguments of `load_classification_splits` that chose its images): for a data
+    set composed on another one's canvases (`CLEAN_CANVASES`: cluttered, textured), the regions with content on its
+    clean canvas, which holds the same items at the same places. None for clean canvases (translated, sparse) and any
+    other data set, where every region with content is the item's."""
     clean_dataset = CLEAN_CANVASES.get(dataset)
     if clean_dataset is None:
         return {"validation": None, "test": None}
     clean = load_classification_splits(clean_dataset, **load)
-    return {
-        split: content_regions(processed_pixel_values(clean[split], image_processor, num_channels), coarse_patch_size)
-        for split in ("validation", "test")
-    }
+    regions = {}
+    for split in ("validation", "test"):
+        pixel_values = processed_pixel_values(clean[split], image_processor, config.num_channels)
+        regions[split] = content_regions(pixel_values, image_tree(config, pixel_values), config.patch_size)
+    return regions
 
 
 def with_new_gate(model: torch.nn.Module, **overrides) -> torch.nn.Module:
@@ -152,12 +153,16 @@ def with_new_gate(model: torch.nn.Module, **overrides) -> torch.nn.Module:
     return fresh.to(model.dtype).eval()
 
 
-def content_regions(pixel_values: torch.Tensor, coarse_patch_size: int) -> torch.Tensor:
-    """`(N, Nc)` bool: the coarse regions that hold any pixel brighter than the darkest value of the images (on a
-    translated canvas: the regions the item covers; all others are empty background)."""
-    coarse = coarse_patch_size
-    brightest = pixel_values.unfold(2, coarse, coarse).unfold(3, coarse, coarse).amax((1, 4, 5)).flatten(1)
-    return brightest > pixel_values.amin()
+def content_regions(pixel_values: torch.Tensor, tree: ScaleTree, patch_size: int) -> torch.Tensor:
+    """`(N, D)` bool: the regions of the gate's decisions (the coarse regions with two patch sizes) that hold any
+    pixel brighter than the darkest value of the images (on a translated canvas: the regions the item covers; all
+    others are empty background)."""
+    brightest = pixel_values.amax(1, keepdim=True)
+    per_level = []
+    for level, (rows, columns) in enumerate(tree.level_grids[1:], start=1):
+        size = patch_size * tree.ratio**level
+        per_level.append(F.max_pool2d(brightest[..., : rows * size, : columns * size], size).flatten(1))
+    return by_decision(per_level, tree) > pixel_values.amin()
 
 
 @torch.no_grad()
@@ -186,7 +191,8 @@ def evaluate_split_policy(
     """
     model.eval()
     config = model.config
-    content = content_regions(pixel_values, config.coarse_patch_size)
+    tree = image_tree(config, pixel_values)
+    content = content_regions(pixel_values, tree, config.patch_size)
     item = content if item_regions is None else item_regions
     saved_budget = (config.fine_ratio_budget, config.gate_threshold)
     if policy == "gate" and (fine_ratio, threshold) != (None, None):
@@ -201,9 +207,7 @@ def evaluate_split_policy(
             elif policy == "content":
                 split_mask = item[start : start + batch_size]
             else:
-                split_mask = forced_split_mask(
-                    policy, len(batch), config.coarse_grid_size, fine_ratio or 0.0, generator
-                )
+                split_mask = forced_split_mask(policy, len(batch), tree, fine_ratio or 0.0, generator)
             outputs = model(pixel_values=batch, split_mask=split_mask)
             correct += (outputs.logits.argmax(-1) == labels[start : start + batch_size]).sum().item()
             token_counts.append(outputs.token_counts)

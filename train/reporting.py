@@ -141,9 +141,8 @@ def export_hub(
 def gate_map_panel(model, image: PIL.Image.Image, split_mask: torch.Tensor, scale: int) -> PIL.Image.Image:
     """`image`'s gate map at the model's input size, enlarged `scale` times."""
     size = (model.config.image_size, model.config.image_size)
-    panel = render_gate_map(
-        image.convert("RGB").resize(size), split_mask, model.config.coarse_grid_size, model.config.scale_ratio
-    )
+    tree = model.base_model.scale_tree(size[1], size[0])
+    panel = render_gate_map(image.convert("RGB").resize(size), split_mask, tree)
     return panel.resize((scale * size[0], scale * size[1]), resample=PIL.Image.NEAREST)
 
 
