@@ -56,7 +56,7 @@ segmentation: $(STAMP) data
 		--docs docs/segmentation.md
 
 # MSViT with two (16/32 px) and three (16/32/64 px) patch sizes vs ViT/16 and ViT/32 speed, side by side, at 224 px
-# and 448 px (about 7 minutes on 2 CPU cores); rewrites the generated section of docs/performance.md.
+# and 448 px (about 10 minutes on 2 CPU cores); rewrites the generated section of docs/performance.md.
 benchmark: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.benchmark --docs docs/performance.md
 
