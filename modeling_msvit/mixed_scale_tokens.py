@@ -31,6 +31,7 @@ position embeddings); the orders are fixed so that outputs can be mapped back to
 """
 
 import functools
+import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -215,8 +216,8 @@ def level_images(pixel_values: torch.Tensor, tree: ScaleTree, patch_size: int) -
     ratio, images = tree.ratio, [pixel_values]
     for rows, columns in tree.level_grids[1:]:
         held = images[-1][..., : rows * ratio * patch_size, : columns * ratio * patch_size]
-        pixel_sum = sum(held[..., row::ratio, column::ratio] for row in range(ratio) for column in range(ratio))
-        images.append(pixel_sum / (ratio * ratio))
+        views = [held[..., row::ratio, column::ratio] for row in range(ratio) for column in range(ratio)]
+        images.append(functools.reduce(operator.add, views) / (ratio * ratio))
     return images
 
 
@@ -262,16 +263,16 @@ def by_decision(per_level: list[torch.Tensor], tree: ScaleTree) -> torch.Tensor:
     return torch.cat(per_level, dim=1).index_select(1, tree.decision_rows)
 
 
-def candidate_positions(fine_grid: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
-    """Position embeddings `(N, D)` of all candidates, in candidate layout, from the finest grid's `(Hf, Wf, D)`: a
-    level-`l` cell gets the average of the `r**l x r**l` finest cells it covers (for `r = 2` one level up, the
-    linear interpolation at the cell's centre)."""
+def grid_positions(fine_grid: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Position embeddings `(G, D)` of every level's cells, in the layout of `grid_patches` (`tree.grid_row` indexes
+    it), from the finest grid's `(Hf, Wf, D)`: a level-`l` cell gets the average of the `r**l x r**l` finest cells it
+    covers (for `r = 2` one level up, the linear interpolation at the cell's centre)."""
     dim = fine_grid.shape[-1]
     channels_first = fine_grid.permute(2, 0, 1)[None]
     levels = [fine_grid.reshape(-1, dim)] + [
         F.avg_pool2d(channels_first, tree.ratio**level).reshape(dim, -1).t() for level in range(1, tree.num_scales)
     ]
-    return torch.cat(levels).index_select(0, tree.grid_row)
+    return torch.cat(levels)
 
 
 def _parent_values(values: torch.Tensor, tree: ScaleTree, root_value) -> torch.Tensor:
@@ -499,11 +500,11 @@ __all__ = [
     "by_decision",
     "candidate_active_mask",
     "candidate_mask_values",
-    "candidate_positions",
     "close_splits",
     "gather_tokens",
     "gathered_token_index",
     "grid_patches",
+    "grid_positions",
     "length_buckets",
     "level_images",
     "level_regions",

@@ -39,11 +39,11 @@ from .mixed_scale_tokens import (
     by_decision,
     candidate_active_mask,
     candidate_mask_values,
-    candidate_positions,
     close_splits,
     gather_tokens,
     gathered_token_index,
     grid_patches,
+    grid_positions,
     level_images,
     level_regions,
     packed_token_rows,
@@ -337,10 +337,10 @@ class MSViTEmbeddings(nn.Module):
             return replace(self.configured_tree, **{name: getattr(self, f"tree_{name}") for name in TREE_TENSORS})
         return build_scale_tree(fine_grid, self.config.scale_ratio, self.config.num_scales, self.tree_level.device)
 
-    def candidate_position_embeddings(
+    def grid_position_embeddings(
         self, height: int, width: int, tree: ScaleTree, interpolate_pos_encoding: bool
     ) -> torch.Tensor:
-        """Position embeddings `(N, hidden_size)` of all candidate tokens, in candidate layout."""
+        """Position embeddings `(G, hidden_size)` of every level's cells, in the layout of `grid_patches`."""
         fine_height, fine_width = tree.fine_grid
         base_height, base_width = self.config.fine_grid_size
         fine_grid = self.position_embeddings[0, 1:].reshape(base_height, base_width, -1)
@@ -355,23 +355,26 @@ class MSViTEmbeddings(nn.Module):
             fine_grid = F.interpolate(
                 fine_grid.permute(2, 0, 1)[None], size=(fine_height, fine_width), mode="bicubic", align_corners=False
             )[0].permute(1, 2, 0)
-        return candidate_positions(fine_grid, tree)
+        return grid_positions(fine_grid, tree)
 
     def embed_patches(
-        self, patches: torch.Tensor, index: torch.Tensor, num_decisions: int, positions: torch.Tensor
+        self, patches: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, tree: ScaleTree
     ) -> torch.Tensor:
-        """Patch plus position embeddings `(B, L, D)` of the patches `(B, L, P)` at candidate `index` `(B, L)`.
+        """Patch plus position embeddings `(B, L, D)` of the candidates at `index` `(B, L)`, from every level's
+        patches `(B, G, P)` and position embeddings `(G, D)` (`grid_patches`, `grid_position_embeddings`).
 
         The position embeddings and the bias are the starting value of one fused matrix product (`addmm`), which
         saves a pass over the tokens.
         """
+        rows = tree.grid_row[index]
+        patches = gather_tokens(patches, rows)
         projection = self.patch_embeddings.projection
-        start = gather_tokens(positions + projection.bias, index)
+        start = gather_tokens(positions + projection.bias, rows)
         tokens = torch.addmm(start.flatten(0, 1), patches.flatten(0, 1), projection.weight.flatten(1).t())
         tokens = tokens.view(start.shape[0], start.shape[1], -1)
         if self.coarse_patch_embeddings is not None:
-            coarse = self.coarse_patch_embeddings(patches) + gather_tokens(positions, index)
-            tokens = torch.where((index < num_decisions)[..., None], coarse, tokens)
+            coarse = self.coarse_patch_embeddings(patches) + gather_tokens(positions, rows)
+            tokens = torch.where((index < tree.num_decisions)[..., None], coarse, tokens)
         return tokens
 
     def gate_split_logits(self, images: list[torch.Tensor], patches: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
@@ -472,7 +475,7 @@ class MSViTEmbeddings(nn.Module):
         split_probs = torch.sigmoid(split_logits)
         split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask, tree)
 
-        positions = self.candidate_position_embeddings(height, width, tree, interpolate_pos_encoding)
+        positions = self.grid_position_embeddings(height, width, tree, interpolate_pos_encoding)
         growth = tree.ratio**2 - 1  # tokens added by one split
         packed = None
         if token_path == "masked":
@@ -497,7 +500,7 @@ class MSViTEmbeddings(nn.Module):
                         rows=packed_token_rows(counts, longest, total), padded_rows=padded_token_rows(counts, longest)
                     )
             index, valid = gathered_token_index(split_mask, tree, length)
-        tokens = self.embed_patches(gather_tokens(patches, tree.grid_row[index]), index, tree.num_decisions, positions)
+        tokens = self.embed_patches(patches, positions, index, tree)
         token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
         token_index = torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1)
         size_aware = self.config.size_aware_attention

@@ -8,10 +8,10 @@ from modeling_msvit.mixed_scale_tokens import (
     by_decision,
     candidate_active_mask,
     candidate_mask_values,
-    candidate_positions,
     close_splits,
     gathered_token_index,
     grid_patches,
+    grid_positions,
     level_images,
     level_regions,
     patchify,
@@ -82,7 +82,7 @@ def test_two_scale_tree_by_hand():
     assert tree.slot_order.tolist() == [0, 4, 5, 6, 7, 1, 8, 9, 10, 11, 2, 12, 13, 14, 15, 3, 16, 17, 18, 19]
     grid = torch.arange(16.0).reshape(4, 4, 1)
     # positions: coarse cells average their children, fine cells are grouped by parent
-    positions = candidate_positions(grid, tree)[:, 0].tolist()
+    positions = grid_positions(grid, tree)[tree.grid_row, 0].tolist()
     assert positions == [2.5, 4.5, 10.5, 12.5, 0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
 
 
@@ -97,7 +97,7 @@ def test_three_scale_tree_with_a_border_by_hand():
     assert tree.parent[:10].tolist() == [10, 0, 0, 0, 0, 10, 10, 10, 10, 10]
     assert tree.cells[:10].tolist() == [16] + [4] * 9
     grid = torch.arange(36.0).reshape(6, 6, 1)
-    positions = candidate_positions(grid, tree)[:, 0]
+    positions = grid_positions(grid, tree)[tree.grid_row, 0]
     assert positions[0].item() == grid[:4, :4].mean().item()
     # the level-1 roots in raster order: (0, 2), (1, 2), (2, 0), (2, 1), (2, 2)
     assert positions[5:10].tolist() == [
