@@ -172,12 +172,44 @@ class PackedTokens:
 
 
 @dataclass
+class TokenLayout:
+    """Which token each position of a batch's sequence holds, CLS first (internal): what `MSViTEmbeddings` builds,
+    read by attention, packing and the outputs.
+
+    `token_index` `(B, L)` holds 0 for CLS and `1 + c` for candidate `c` of the `tree` (which says the level of each
+    candidate and the finest cells it covers), `token_mask` `(B, L)` is True on active tokens, `counts` `(B,)` are
+    the active tokens per image (CLS included). `padded`: some positions are padding or inactive candidates; `mixed`:
+    some active token covers more than one finest cell; `packed`: set when a ragged inference batch runs packed.
+    """
+
+    tree: ScaleTree
+    token_index: torch.Tensor
+    token_mask: torch.Tensor
+    counts: torch.Tensor
+    padded: bool
+    mixed: bool
+    packed: PackedTokens | None = None
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """`(B, L - 1)` the candidate each position after CLS holds (inactive ones included)."""
+        return self.token_index[:, 1:] - 1
+
+    def attention_mask(self, dtype: torch.dtype, size_aware: bool) -> torch.Tensor | None:
+        """None (attend to everything), a `(B, L)` bool key mask, or with size-aware attention the additive mask
+        that adds `log(cells)` to each key's scores (`-inf` on inactive keys)."""
+        if size_aware and (self.padded or self.mixed):
+            key_cells = torch.where(self.token_mask, token_sizes(self.token_index, self.tree), 0)
+            return attention_key_bias(key_cells, dtype, self.token_index.shape[1])
+        return self.token_mask if self.padded else None
+
+
+@dataclass
 class MixedScaleTokens:
     """What [`MSViTEmbeddings`] hands to the encoder (internal)."""
 
     embeddings: torch.Tensor
-    token_mask: torch.Tensor
-    token_index: torch.Tensor
+    layout: TokenLayout
     # None (attend to everything), a (B, L) bool key mask, or a 4D additive mask (size-aware attention)
     attention_mask: torch.Tensor | None
     key_weights: torch.Tensor | None
@@ -185,8 +217,6 @@ class MixedScaleTokens:
     split_probs: torch.Tensor
     split_logits: torch.Tensor
     split_soft: torch.Tensor | None
-    # set when a ragged inference batch runs packed (`config.ragged_execution="packed"`)
-    packed: PackedTokens | None = None
 
 
 def gumbel_sigmoid(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -476,42 +506,17 @@ class MSViTEmbeddings(nn.Module):
         split_values, split_mask, split_soft = self.decide(split_logits, split_probs, split_mask, tree)
 
         positions = self.grid_position_embeddings(height, width, tree, interpolate_pos_encoding)
-        growth = tree.ratio**2 - 1  # tokens added by one split
-        packed = None
-        if token_path == "masked":
-            index = torch.arange(tree.num_candidates, device=patches.device).expand(batch_size, -1)
-            valid = candidate_active_mask(split_mask, tree)
-            padded, has_coarse = True, True
-        else:
-            if budgeted:
-                # fixed budget: every image has the same length, known without looking at the data; no padding, and
-                # coarse tokens exactly when not every region is split
-                num_split = self.num_split_in_budget(tree.num_decisions)
-                length = tree.num_roots + growth * num_split
-                padded, has_coarse = False, num_split < tree.num_decisions
-            else:
-                counts = token_counts(split_mask, tree)
-                host_counts = counts.tolist()  # the one host synchronisation of a ragged batch
-                longest, shortest, total = max(host_counts), min(host_counts), sum(host_counts)
-                length = longest - 1  # CLS comes later
-                padded, has_coarse = shortest < longest, shortest < 1 + tree.num_fine
-                if padded and not self.training and self.config.ragged_execution == "packed":
-                    packed = PackedTokens(
-                        rows=packed_token_rows(counts, longest, total), padded_rows=padded_token_rows(counts, longest)
-                    )
-            index, valid = gathered_token_index(split_mask, tree, length)
+        layout = self.token_layout(split_mask, tree, token_path, budgeted)
+        index = layout.candidates
         tokens = self.embed_patches(patches, positions, index, tree)
-        token_mask = torch.cat([valid.new_ones(batch_size, 1), valid], dim=1)
-        token_index = torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1)
-        size_aware = self.config.size_aware_attention
         key_weights = None
         if token_path == "masked" and self.config.masked_path_attention == "masked_softmax":
             # DynamicViT-style: the straight-through values weight the keys inside the softmax, so the gate also
             # hears from the alternative it did not choose (inactive tokens keep their values)
             mask_values = candidate_mask_values(split_values, tree)
             key_weights = torch.cat([mask_values.new_ones(batch_size, 1), mask_values], dim=1)
-            if size_aware:  # a larger key counts as the finest cells it covers
-                key_weights = key_weights * token_sizes(token_index, tree)
+            if self.config.size_aware_attention:  # a larger key counts as the finest cells it covers
+                key_weights = key_weights * token_sizes(layout.token_index, tree)
         elif split_values.requires_grad:
             tokens = tokens * candidate_mask_values(split_values, tree).gather(1, index)[..., None]
 
@@ -519,22 +524,52 @@ class MSViTEmbeddings(nn.Module):
         embeddings = self.dropout(torch.cat([cls_tokens, tokens.to(cls_tokens.dtype)], dim=1))
         attention_mask = None
         if key_weights is None:
-            if size_aware and (padded or has_coarse):
-                # log(cells) on every key: log r**2 raises a coarse key's scores, masked keys get -inf
-                key_cells = torch.where(token_mask, token_sizes(token_index, tree), 0)
-                attention_mask = attention_key_bias(key_cells, embeddings.dtype, embeddings.shape[1])
-            elif padded:
-                attention_mask = token_mask
+            attention_mask = layout.attention_mask(embeddings.dtype, self.config.size_aware_attention)
         return MixedScaleTokens(
             embeddings=embeddings,
-            token_mask=token_mask,
-            token_index=token_index,
+            layout=layout,
             attention_mask=attention_mask,
             key_weights=key_weights,
             split_mask=split_mask,
             split_probs=split_probs,
             split_logits=split_logits,
             split_soft=split_soft,
+        )
+
+    def token_layout(self, split_mask: torch.Tensor, tree: ScaleTree, token_path: str, budgeted: bool) -> TokenLayout:
+        """The sequence of these effective decisions: every candidate (`"masked"`), or each image's active tokens
+        (`"gathered"`), padded to the longest image, or of one static length at a fixed budget."""
+        batch_size = split_mask.shape[0]
+        counts = token_counts(split_mask, tree)
+        packed = None
+        if token_path == "masked":
+            index = torch.arange(tree.num_candidates, device=split_mask.device).expand(batch_size, -1)
+            valid = candidate_active_mask(split_mask, tree)
+            padded, mixed = True, True
+        else:
+            if budgeted:
+                # fixed budget: every image has the same length, known without looking at the data; no padding, and
+                # larger tokens exactly when not every region is split
+                num_split = self.num_split_in_budget(tree.num_decisions)
+                length = tree.num_roots + (tree.ratio**2 - 1) * num_split
+                padded, mixed = False, num_split < tree.num_decisions
+            else:
+                host_counts = counts.tolist()  # the one host synchronisation of a ragged batch
+                longest, shortest, total = max(host_counts), min(host_counts), sum(host_counts)
+                length = longest - 1  # CLS comes later
+                padded, mixed = shortest < longest, shortest < 1 + tree.num_fine
+                if padded and not self.training and self.config.ragged_execution == "packed":
+                    packed = PackedTokens(
+                        rows=packed_token_rows(counts, longest, total), padded_rows=padded_token_rows(counts, longest)
+                    )
+            index, valid = gathered_token_index(split_mask, tree, length)
+        return TokenLayout(
+            tree=tree,
+            token_index=torch.cat([index.new_zeros(batch_size, 1), index + 1], dim=1),
+            token_mask=torch.cat([valid.new_ones(batch_size, 1), valid], dim=1),
+            counts=counts,
+            padded=padded,
+            mixed=mixed,
             packed=packed,
         )
 
@@ -1098,7 +1133,7 @@ class MSViTModel(MSViTPreTrainedModel):
         )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        packed = tokens.packed
+        packed = tokens.layout.packed
         if packed is not None:
             # a ragged inference batch: the layers run on its active tokens only, attention on the padded batch
             hidden_states = packed.pack(hidden_states)
@@ -1120,12 +1155,12 @@ class MSViTModel(MSViTPreTrainedModel):
             last_hidden_state=sequence_output,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
-            token_mask=tokens.token_mask,
-            token_index=tokens.token_index,
+            token_mask=tokens.layout.token_mask,
+            token_index=tokens.layout.token_index,
             split_mask=tokens.split_mask,
             split_probs=tokens.split_probs,
             split_logits=tokens.split_logits,
-            token_counts=token_counts(tokens.split_mask, self.embeddings.scale_tree(*pixel_values.shape[-2:])),
+            token_counts=tokens.layout.counts,
             gate_loss=gate_loss,
         )
         return output if return_dict else output.to_tuple()
