@@ -57,6 +57,11 @@ def target_name(results: dict, model: str, target: str) -> str:
     return target if model == "msvit" else f"{scale_label(results, model)}, {target}"
 
 
+def target_row(target: str, dtype: str, attn: str, measured: str, met: bool) -> dict:
+    """One line of the targets table."""
+    return {"target": target, "dtype": dtype, "attn": attn, "measured": measured, "met": met}
+
+
 def check_targets(results: dict) -> list[dict]:
     """Each speed target per (dtype, attention), with the measured value and whether it is met: the same targets
     for the three-scale MSViT as for the two-scale one, each after its two-scale counterpart."""
@@ -79,26 +84,14 @@ def check_targets(results: dict) -> list[dict]:
             if packed:
                 worst = min(packed, key=lambda row: row["efficiency"])
                 target = f"ragged batch >= 8, packed: speed-up >= {EFFICIENCY_TARGET} x MAC speed-up"
-                targets.append(
-                    {
-                        "target": target_name(results, model, target),
-                        "dtype": dtype,
-                        "attn": "sdpa",
-                        "measured": f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']})",
-                        "met": worst["efficiency"] >= EFFICIENCY_TARGET,
-                    }
-                )
+                measured = f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']})"
+                met = worst["efficiency"] >= EFFICIENCY_TARGET
+                targets.append(target_row(target_name(results, model, target), dtype, "sdpa", measured, met))
     for row in results.get("training", []):
         if row["path"].startswith("masked"):
-            targets.append(
-                {
-                    "target": f"training step, {row['path']}, all tokens: <= {TRAINING_STEP_RATIO} x ViT/16 step",
-                    "dtype": "fp32",
-                    "attn": row["attn"],
-                    "measured": f"{row['time_vs_vit16']:.3f} x",
-                    "met": row["time_vs_vit16"] <= TRAINING_STEP_RATIO,
-                }
-            )
+            target = f"training step, {row['path']}, all tokens: <= {TRAINING_STEP_RATIO} x ViT/16 step"
+            measured, met = f"{row['time_vs_vit16']:.3f} x", row["time_vs_vit16"] <= TRAINING_STEP_RATIO
+            targets.append(target_row(target, "fp32", row["attn"], measured, met))
     return targets
 
 
@@ -111,42 +104,20 @@ def inference_targets(results: dict, dtype: str, attn: str, model: str) -> list[
     if middle:
         worst = min(middle, key=lambda row: row["efficiency"])
         target = f"batch >= 8, fine ratio 0.25-0.75: speed-up >= {EFFICIENCY_TARGET} x MAC speed-up"
-        targets.append(
-            {
-                "target": target_name(results, model, target),
-                "dtype": dtype,
-                "attn": attn,
-                "measured": f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']}, "
-                f"ratio {worst['fine_ratio']})",
-                "met": worst["efficiency"] >= EFFICIENCY_TARGET,
-            }
-        )
+        measured = f"worst {worst['efficiency']:.2f} (batch {worst['batch_size']}, ratio {worst['fine_ratio']})"
+        met = worst["efficiency"] >= EFFICIENCY_TARGET
+        targets.append(target_row(target_name(results, model, target), dtype, attn, measured, met))
     single = {row["fine_ratio"]: row for row in rows if row["batch_size"] == 1}
     if 1.0 in single:
         slowdown = 1 / single[1.0]["speedup_vs_vit16"]
-        targets.append(
-            {
-                "target": target_name(
-                    results, model, f"batch 1, fine ratio 1: time <= {BATCH1_ALL_FINE_SLOWDOWN} x ViT/16"
-                ),
-                "dtype": dtype,
-                "attn": attn,
-                "measured": f"{slowdown:.3f} x",
-                "met": slowdown <= BATCH1_ALL_FINE_SLOWDOWN,
-            }
-        )
+        target = target_name(results, model, f"batch 1, fine ratio 1: time <= {BATCH1_ALL_FINE_SLOWDOWN} x ViT/16")
+        targets.append(target_row(target, dtype, attn, f"{slowdown:.3f} x", slowdown <= BATCH1_ALL_FINE_SLOWDOWN))
     below = [row for ratio, row in single.items() if ratio <= 0.75]
     if below:
         slowest = min(below, key=lambda row: row["speedup_vs_vit16"])
-        targets.append(
-            {
-                "target": target_name(results, model, "batch 1, fine ratio <= 0.75: faster than ViT/16"),
-                "dtype": dtype,
-                "attn": attn,
-                "measured": f"slowest {slowest['speedup_vs_vit16']:.2f}x (ratio {slowest['fine_ratio']})",
-                "met": slowest["speedup_vs_vit16"] > 1,
-            }
-        )
+        target = target_name(results, model, "batch 1, fine ratio <= 0.75: faster than ViT/16")
+        measured = f"slowest {slowest['speedup_vs_vit16']:.2f}x (ratio {slowest['fine_ratio']})"
+        targets.append(target_row(target, dtype, attn, measured, slowest["speedup_vs_vit16"] > 1))
     return targets
 
 
