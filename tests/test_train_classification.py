@@ -120,6 +120,22 @@ def test_forced_split_policies_give_exact_budgets(tmp_path, policy):
     assert results["validation"]["tokens"] == 1 + 16 + 3 * num_split
 
 
+@needs_data
+def test_scratch_msvit_with_three_patch_sizes(tmp_path):
+    """--patch_sizes 8 16 32 on 64 px canvases: 2 x 2 top regions over 4 x 4 (20 decisions, 4 roots)."""
+    torch.set_num_threads(1)
+    results = main(
+        [*TINY, "--stage", "scratch", "--patch_size", "8", "--patch_sizes", "8", "16", "32", "--split_policy",
+         "centre", "--target_fine_ratio", "0.25", "--max_train_steps", "2", "--skip_test", "--output_dir",
+         str(tmp_path)]
+    )  # fmt: skip
+    assert results["validation"]["tokens"] == 1 + 4 + 3 * 5  # round(0.25 x 20) = 5 splits
+    saved = MSViTConfig.from_pretrained(tmp_path / "model")
+    assert saved.scale_sizes == (8, 16, 32)
+    with pytest.raises(ValueError, match="starts at the finest patch"):
+        main([*TINY, "--stage", "scratch", "--patch_sizes", "8", "16", "32", "--output_dir", str(tmp_path / "bad")])
+
+
 def test_centre_prior_and_random_policies():
     tree = build_scale_tree((8, 8), 2, 2)  # 4 x 4 coarse regions
     assert sorted(centre_prior_order(tree)[:4].tolist()) == [5, 6, 9, 10]

@@ -46,12 +46,38 @@ class ModelArguments:
     coarse_patch_size: int | None = field(
         default=None, metadata={"help": "MSViT coarse patch size (default: twice the patch size)."}
     )
+    patch_sizes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT with more than two patch sizes, finest first from --patch_size, e.g. 16 32 64 (replaces "
+            "--coarse_patch_size; a region tree decided top-down)."
+        },
+    )
     hidden_size: int = field(default=128, metadata={"help": "Width of a new model."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Depth of a new model."})
     num_attention_heads: int = field(default=4, metadata={"help": "Heads of a new model."})
     intermediate_size: int | None = field(
         default=None, metadata={"help": "MLP size of a new model (default: 4 x width)."}
     )
+
+    def scale_fields(self) -> dict:
+        """The MSViT config fields of the patch sizes these arguments set: `patch_sizes`, else `coarse_patch_size`
+        (nothing when neither is given)."""
+        if self.patch_sizes:
+            if self.patch_sizes[0] != self.patch_size:
+                raise ValueError(
+                    f"--patch_sizes starts at the finest patch, --patch_size ({self.patch_size}); got "
+                    f"{self.patch_sizes}."
+                )
+            return {"patch_sizes": list(self.patch_sizes)}
+        return {"coarse_patch_size": self.coarse_patch_size} if self.coarse_patch_size else {}
+
+    @property
+    def largest_patch_size(self) -> int:
+        """The largest MSViT patch, which image sizes are rounded up to."""
+        if self.patch_sizes:
+            return self.patch_sizes[-1]
+        return self.coarse_patch_size or 2 * self.patch_size
 
 
 @dataclass(kw_only=True)

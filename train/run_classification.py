@@ -113,8 +113,8 @@ def default_image_size(args: ClassificationArguments, dataset) -> int:
     if args.image_size:
         return args.image_size
     width, height = dataset["train"][0]["image"].size
-    coarse = args.coarse_patch_size or 2 * args.patch_size
-    return math.ceil(max(width, height) / coarse) * coarse
+    largest = args.largest_patch_size
+    return math.ceil(max(width, height) / largest) * largest
 
 
 def build_model(args: ClassificationArguments, labels: list[str], num_channels: int, image_size: int):
@@ -132,14 +132,11 @@ def build_model(args: ClassificationArguments, labels: list[str], num_channels: 
         else:
             model = ViTForImageClassification(ViTConfig(patch_size=args.patch_size, **sizes))
     elif args.stage == "scratch":
-        coarse = args.coarse_patch_size or 2 * args.patch_size
-        config = MSViTConfig(patch_size=args.patch_size, coarse_patch_size=coarse, **sizes, **msvit_overrides(args))
+        scales = {"coarse_patch_size": 2 * args.patch_size, **args.scale_fields()}
+        config = MSViTConfig(patch_size=args.patch_size, **scales, **sizes, **msvit_overrides(args))
         model = MSViTForImageClassification(config)
     elif source_type == "vit":
-        overrides = msvit_overrides(args)
-        if args.coarse_patch_size:
-            overrides["coarse_patch_size"] = args.coarse_patch_size
-        model = MSViTForImageClassification.from_vit(source, **overrides)
+        model = MSViTForImageClassification.from_vit(source, **msvit_overrides(args), **args.scale_fields())
     else:
         model = MSViTForImageClassification.from_pretrained(source, **msvit_overrides(args))
     if args.stage == "gate":

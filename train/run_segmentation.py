@@ -174,12 +174,12 @@ def build_model(args: SegmentationArguments) -> tuple[MSViTForSemanticSegmentati
         raise ValueError(f"--decoder_type and --decoder_num_layers set a new decoder; {source} has its own.")
     overrides = msvit_overrides(args)
     if source is None:
-        coarse = args.coarse_patch_size or 2 * args.patch_size
-        image_size = args.image_size or math.ceil(args.canvas_size / coarse) * coarse
+        largest = args.largest_patch_size
+        image_size = args.image_size or math.ceil(args.canvas_size / largest) * largest
         config = MSViTConfig(
             image_size=image_size,
             patch_size=args.patch_size,
-            coarse_patch_size=coarse,
+            **{"coarse_patch_size": 2 * args.patch_size, **args.scale_fields()},
             **size_fields(args),
             num_channels=3,
             id2label=id2label,
@@ -189,10 +189,8 @@ def build_model(args: SegmentationArguments) -> tuple[MSViTForSemanticSegmentati
         )
         model = MSViTForSemanticSegmentation(config)
     elif source_config.model_type == "vit":
-        if args.coarse_patch_size:
-            overrides["coarse_patch_size"] = args.coarse_patch_size
         model = MSViTForSemanticSegmentation.from_vit(
-            source, id2label=id2label, label2id=label2id, **decoder, **overrides
+            source, id2label=id2label, label2id=label2id, **decoder, **overrides, **args.scale_fields()
         )
     elif is_segmenter:
         model = MSViTForSemanticSegmentation.from_pretrained(source, **overrides)
