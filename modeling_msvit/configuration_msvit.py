@@ -102,7 +102,9 @@ class MSViTConfig(PreTrainedConfig):
             What the gate reads for each coarse region: `"downscaled_pixels"` (the region area-downscaled to
             `patch_size`), `"pixels"` (the region at full resolution), `"neighbourhood"` (the region at full
             resolution and, for context, the 3 x 3 regions around it area-downscaled to `patch_size`, 0 outside the
-            image) or `"coarse_embedding"` (the coarse token's patch embedding, without position).
+            image) or `"coarse_embedding"` (the coarse token's patch embedding, without position). With more than two
+            patch sizes one gate serves every level: "full resolution" is the second patch size (larger regions are
+            area-downscaled to it), and the neighbourhood is of same-size regions.
         gate_residual_rule (`str`, *optional*):
             Learned gate only: make it a residual gate on a training-free rule (`"std"` or `"entropy"`, as in
             `gate_type`). Its logit is `rule_scale * score + bias + MLP(region)`, with the rule's score in [0, 1],
