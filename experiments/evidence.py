@@ -152,6 +152,10 @@ class EvidenceArguments:
     )
     gate_train_samples: int = field(default=20000, metadata={"help": "Training images of every gate."})
     finetune_epochs: int = field(default=1, metadata={"help": "Epochs of the equal fine-tuning of every policy."})
+    finetune: bool = field(
+        default=True,
+        metadata={"help": "Also run the fine-tuned rows (--no_finetune: frozen rows first; a later run adds them)."},
+    )
     textured_epochs: int = field(
         default=4, metadata={"help": "Epochs of fine-tuning each clean-bench backbone on a textured bench."}
     )
@@ -279,6 +283,7 @@ def study_args(name: str, args: EvidenceArguments) -> GateStudyArguments:
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
         finetune_epochs=args.finetune_epochs,
+        finetune=args.finetune,
         ablations=study.ablations,
         residual_ablations=study.residual_ablations,
         ratios=list(study.ratios),

@@ -260,10 +260,16 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
         check_precondition,
         from_scratch_runs,
         scales_table,
+        study_args,
     )
 
     args = EvidenceArguments(output_dir=str(tmp_path), sparse_epochs=5)
     runs = from_scratch_runs(args)
+    # the frozen rows of both studies can run before any fine-tuning
+    assert study_args("sparse-3", EvidenceArguments(output_dir=str(tmp_path), finetune=False)).finetune is False
+    assert (
+        study_args("sparse-3", args).patch_sizes == [16, 32, 64] and study_args("sparse", args).coarse_patch_size == 32
+    )
     assert {name: (runs[name]["patch_size"], runs[name]["image_size"]) for name in runs if "sparse" in name} == {
         "vit-p16-sparse": (16, 192), "vit-p32-sparse": (32, 192), "vit-p16-96px-sparse": (16, 96),
     }  # fmt: skip
