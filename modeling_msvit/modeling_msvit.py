@@ -777,7 +777,12 @@ class MSViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MSViTMaskTransformerDecoder):
             init.trunc_normal_(module.class_embeddings, mean=0.0, std=self.config.initializer_range)
 
-    def set_budget(self, fine_ratio: float | None = None, threshold: float | list[float] | None = None) -> None:
+    def set_budget(
+        self,
+        fine_ratio: float | None = None,
+        threshold: float | list[float] | None = None,
+        num_tokens: int | None = None,
+    ) -> None:
         """Change the inference compute of a trained model, without retraining (give exactly one argument).
 
         Args:
@@ -791,16 +796,21 @@ class MSViTPreTrainedModel(PreTrainedModel):
                 threshold per decision level, finest first. Clears a fine-ratio budget. For a gate trained with the
                 counterfactual objective this splits the regions whose predicted loss drop exceeds
                 `logit(threshold) / config.counterfactual_target_scale` nats.
+            num_tokens: the fixed budget as the exact number of tokens per image at `config.image_size`, CLS
+                included: `1 + roots + (r**2 - 1) * splits` (`1 + Nc + 3 * splits` for two sizes with `r = 2`); stored
+                as the fine ratio that gives it. A count no number of splits gives is an error that names the nearest.
 
-        Both are stored in the config (`fine_ratio_budget`, `gate_threshold`), so they are saved with the model.
+        All are stored in the config (`fine_ratio_budget`, `gate_threshold`), so they are saved with the model.
         Training ignores them: the gate samples its decisions.
         """
-        if (fine_ratio is None) == (threshold is None):
+        if sum(value is not None for value in (fine_ratio, threshold, num_tokens)) != 1:
             raise ValueError(
-                "Pass exactly one of `fine_ratio` (split a fixed fraction of regions per image) or `threshold` "
-                f"(split regions whose split probability exceeds it), got fine_ratio={fine_ratio}, "
-                f"threshold={threshold}."
+                "Pass exactly one of `fine_ratio` (split a fixed fraction of regions per image), `threshold` "
+                "(split regions whose split probability exceeds it) or `num_tokens` (a fixed token count), got "
+                f"fine_ratio={fine_ratio}, threshold={threshold}, num_tokens={num_tokens}."
             )
+        if num_tokens is not None:
+            fine_ratio = self._fine_ratio_of(num_tokens)
         if fine_ratio is not None and not 0.0 <= fine_ratio <= 1.0:
             raise ValueError(f"`fine_ratio` must lie in [0, 1], got {fine_ratio}.")
         if threshold is not None:
@@ -813,6 +823,23 @@ class MSViTPreTrainedModel(PreTrainedModel):
                 )
             self.config.gate_threshold = values[0] if isinstance(threshold, (int, float)) else values
         self.config.fine_ratio_budget = fine_ratio
+
+    def _fine_ratio_of(self, num_tokens: int) -> float:
+        """The fine ratio whose fixed budget gives exactly `num_tokens` tokens per image at `config.image_size`."""
+        tree = self.base_model.embeddings.configured_tree
+        growth = tree.ratio**2 - 1
+        num_split, remainder = divmod(num_tokens - 1 - tree.num_roots, growth)
+        if remainder or not 0 <= num_split <= tree.num_decisions:
+            splits = min(max(num_split, 0), tree.num_decisions)
+            nearest = sorted(
+                {1 + tree.num_roots + growth * count for count in (splits, min(splits + 1, tree.num_decisions))}
+            )
+            raise ValueError(
+                f"No layout has {num_tokens} tokens: at image size {self.config.image_size} every image has 1 + "
+                f"{tree.num_roots} + {growth} x splits tokens, splits from 0 to {tree.num_decisions}; nearest: "
+                f"{' or '.join(map(str, nearest))}."
+            )
+        return num_split / tree.num_decisions
 
     @torch.no_grad()
     def predict_token_counts(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,11 @@ def test_set_budget_on_an_interpolated_image_size(gate_loss_type):
         (dict(fine_ratio=-0.1), r"`fine_ratio` must lie in \[0, 1\], got -0.1"),
         (dict(threshold=0.0), r"`threshold` must lie in \(0, 1\), got 0.0"),
         (dict(threshold=1.0), r"`threshold` must lie in \(0, 1\), got 1.0"),
+        (dict(threshold=0.5, num_tokens=41), r"Pass exactly one of .*threshold=0.5, num_tokens=41"),
+        # 32 px, 16 coarse regions of 8 px: 1 + 16 + 3 x splits tokens
+        (dict(num_tokens=42), r"No layout has 42 tokens: .* 1 \+ 16 \+ 3 x splits .*nearest: 41 or 44"),
+        (dict(num_tokens=10), r"No layout has 10 tokens: .*nearest: 17 or 20"),
+        (dict(num_tokens=66), r"No layout has 66 tokens: .*nearest: 65"),
     ],
 )
 def test_set_budget_rejects_bad_arguments_and_leaves_the_config_unchanged(arguments, message):
@@ -151,6 +156,20 @@ def test_set_budget_rejects_bad_arguments_and_leaves_the_config_unchanged(argume
     with pytest.raises(ValueError, match=message):
         model.set_budget(**arguments)
     assert model.config.fine_ratio_budget == 0.25 and model.config.gate_threshold == 0.4
+
+
+def test_a_token_budget_gives_exactly_that_many_tokens():
+    model, pixel_values = budget_model(fine_ratio=0.5)
+    with torch.no_grad():
+        for num_tokens in (17, 41, 65):
+            model.set_budget(num_tokens=num_tokens)
+            assert model(pixel_values).token_counts.tolist() == [num_tokens] * 4
+    # three sizes: 4 top regions over 16 (20 decisions), 1 + 4 + 3 x splits
+    three = MSViTForImageClassification(tiny_config(patch_sizes=[4, 8, 16])).eval()
+    with torch.no_grad():
+        for num_tokens in (5, 35, 65):
+            three.set_budget(num_tokens=num_tokens)
+            assert three(pixel_values).token_counts.tolist() == [num_tokens] * 4
 
 
 def test_threshold_after_a_budget_clears_the_budget():
