@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .mixed_scale_tokens import ScaleTree, top_down_key
+
 
 CDF_CLIP = 1e-3
 
@@ -86,22 +88,27 @@ def generalized_batch_shaping_loss(
     return per_position.mean()
 
 
-def sample_training_layouts(split_logits: torch.Tensor, mode: str) -> torch.Tensor:
-    """Training layouts `(B, Nc)` bool for the counterfactual objective.
+def sample_training_layouts(split_logits: torch.Tensor, mode: str, tree: ScaleTree) -> torch.Tensor:
+    """Training layouts `(B, D)` bool for the counterfactual objective.
 
     Each image gets a fine ratio uniform in [0, 1] (so the gate learns the value of a region in sparse and in dense
     layouts alike, and one training serves every budget) and splits that many regions: those with the highest
     `split_logits` (`"gate"`: exactly the layouts the gate chooses at a fixed budget, so a backbone fine-tuned
     alongside learns to read them) or uniformly random ones (`"uniform"`). Ties are broken at random. Exploration
     comes from the random densities and the random flips, not from noise on the ranking: the logits are loss drops
-    of a few hundredths of a nat, which any fixed-scale noise would drown. No gradient flows.
+    of a few hundredths of a nat, which any fixed-scale noise would drown. No gradient flows. With more than two patch
+    sizes the regions are taken top-down in that order (`top_down_key`): each layout splits exactly that many, every
+    one under a split parent.
     """
-    batch_size, num_coarse = split_logits.shape
-    num_split = torch.round(torch.rand(batch_size, 1, device=split_logits.device) * num_coarse)
+    batch_size, num_decisions = split_logits.shape
+    num_split = torch.round(torch.rand(batch_size, 1, device=split_logits.device) * num_decisions)
     scores = split_logits.detach().float() if mode == "gate" else torch.zeros_like(split_logits, dtype=torch.float32)
     shuffle = torch.rand_like(scores).argsort(dim=1)  # a random order among equal scores
     order = shuffle.gather(1, scores.gather(1, shuffle).argsort(dim=1, descending=True, stable=True))
-    return order.argsort(dim=1) < num_split
+    rank = order.argsort(dim=1)  # each region's place in the order
+    if tree.num_scales > 2:
+        rank = top_down_key(-rank.float(), tree).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return rank < num_split
 
 
 def sample_flips(reachable: torch.Tensor, num_flips: int, guaranteed: int) -> torch.Tensor:

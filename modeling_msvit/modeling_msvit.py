@@ -442,7 +442,7 @@ class MSViTEmbeddings(nn.Module):
             return split_mask.to(split_logits.dtype), split_mask, None
         learned = self.config.gate_type == "learned"
         if self.training and learned and self.config.gate_objective == "counterfactual":
-            hard = close_splits(sample_training_layouts(split_logits, self.config.counterfactual_layouts), tree)
+            hard = sample_training_layouts(split_logits, self.config.counterfactual_layouts, tree)
             return hard.to(split_logits.dtype), hard, None
         if self.training and learned:
             # Gumbel-sigmoid with a straight-through estimator: hard 0/1 forward, soft gradient; the token multipliers

@@ -8,6 +8,7 @@ import modeling_msvit.modeling_msvit as modeling
 from modeling_msvit import MSViTForImageClassification, MSViTForSemanticSegmentation
 from modeling_msvit.gate_losses import flipped_layouts, sample_training_layouts, split_loss_drop
 from modeling_msvit.macs_msvit import mlp_macs
+from modeling_msvit.mixed_scale_tokens import build_scale_tree, close_splits
 from modeling_msvit.modeling_msvit import MSViTGate
 from tests.conftest import tiny_config, tiny_vit_config
 
@@ -36,7 +37,7 @@ def test_training_layouts_split_a_random_number_of_regions(mode):
     torch.manual_seed(0)
     # logits a hundredth of a nat apart, as a counterfactual gate's are for empty regions: the ranking must hold anyway
     logits = torch.linspace(-0.04, 0.04, NUM_COARSE).expand(4096, -1).clone().requires_grad_()
-    layouts = sample_training_layouts(logits, mode)
+    layouts = sample_training_layouts(logits, mode, build_scale_tree((8, 8), 2, 2))
     assert layouts.dtype == torch.bool and not layouts.requires_grad
     counts = layouts.sum(1)
     assert counts.min() == 0 and counts.max() == NUM_COARSE and 7 < counts.float().mean() < 9
@@ -51,10 +52,24 @@ def test_training_layouts_split_a_random_number_of_regions(mode):
 def test_training_layouts_break_ties_at_random():
     torch.manual_seed(0)
     logits = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, -1.0]).expand(4096, -1)
-    layouts = sample_training_layouts(logits, "gate")
+    layouts = sample_training_layouts(logits, "gate", build_scale_tree((4, 6), 2, 2))
     three = layouts[layouts.sum(1) == 3]  # the highest logit and two of the four tied ones, each pair equally often
     assert three[:, 0].all() and not three[:, 5].any()
     torch.testing.assert_close(three[:, 1:5].float().mean(0), torch.full((4,), 0.5), atol=0.08, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["gate", "uniform"])
+def test_training_layouts_of_a_region_tree_split_exactly_that_many_top_down(mode):
+    torch.manual_seed(0)
+    tree = build_scale_tree((8, 8), 2, 3)  # 4 top regions over 16 (20 decisions)
+    logits = torch.randn(4096, tree.num_decisions)
+    layouts = sample_training_layouts(logits, mode, tree)
+    assert torch.equal(layouts, close_splits(layouts, tree))
+    counts = layouts.sum(1)
+    assert counts.min() == 0 and counts.max() == 20 and 9 < counts.float().mean() < 11
+    if mode == "uniform":  # every top region equally likely
+        top = layouts[:, :4].float().mean(0)
+        assert (top - top.mean()).abs().max() < 0.04
 
 
 # counterfactual objective: in the model ----------------------------------------------------------------------
