@@ -10,6 +10,17 @@ from transformers import ViTForImageClassification
 
 from modeling_msvit import MSViTConfig
 from modeling_msvit.mixed_scale_tokens import build_scale_tree, close_splits
+from msvit.experiments.evidence import (
+    SPARSE_RATIOS,
+    STEPS,
+    STUDIES,
+    TEXTURED_BENCHES,
+    EvidenceArguments,
+    check_precondition,
+    from_scratch_runs,
+    scales_table,
+    study_args,
+)
 from msvit.train.data import FASHION_MNIST_DIR
 from msvit.train.run_classification import main
 from msvit.train.split_policies import centre_prior_order, forced_split_mask
@@ -220,15 +231,6 @@ def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(
 
 
 def test_evidence_textured_benches_have_their_own_backbones_and_precondition(tmp_path, capsys):
-    from msvit.experiments.evidence import (
-        STEPS,
-        STUDIES,
-        TEXTURED_BENCHES,
-        EvidenceArguments,
-        check_precondition,
-        from_scratch_runs,
-    )
-
     args = EvidenceArguments(output_dir=str(tmp_path), textured_epochs=3)
     runs = from_scratch_runs(args)
     for bench, contrast in TEXTURED_BENCHES.items():
@@ -252,17 +254,6 @@ def test_evidence_textured_benches_have_their_own_backbones_and_precondition(tmp
 
 
 def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
-    from msvit.experiments.evidence import (
-        SPARSE_RATIOS,
-        STEPS,
-        STUDIES,
-        EvidenceArguments,
-        check_precondition,
-        from_scratch_runs,
-        scales_table,
-        study_args,
-    )
-
     args = EvidenceArguments(output_dir=str(tmp_path), sparse_epochs=5)
     runs = from_scratch_runs(args)
     # the frozen rows of both studies can run before any fine-tuning
