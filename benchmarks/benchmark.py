@@ -49,7 +49,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.configuration_msvit import VIT_CONFIG_FIELDS
 from modeling_msvit.macs_msvit import vit_macs_for_config
-from modeling_msvit.mixed_scale_tokens import ScaleTree, budget_split_mask, token_counts
+from modeling_msvit.mixed_scale_tokens import ScaleTree, ranked_split_mask, token_counts
 from msvit.configuration import load_preset, preset_names
 
 from .report import check_targets, plot_speedups, update_docs, write_table
@@ -311,10 +311,8 @@ def ragged_split_mask(batch_size: int, tree: ScaleTree, mean: float, generator: 
     scales (`D = Nc`, no parents) these are the `round(ratio * Nc)` regions of lowest uniform draw."""
     ratios = torch.linspace(max(mean - 0.25, 0.0), min(mean + 0.25, 1.0), batch_size)
     scores = -torch.rand(batch_size, tree.num_decisions, generator=generator)
-    splits = (ratios * tree.num_decisions).round().long().tolist()
-    # the fixed budget's own top-down selection, one image (and split count) at a time: best-first expansion
-    tree = tree.to("cpu")
-    return torch.cat([budget_split_mask(scores[i : i + 1], k, tree) for i, k in enumerate(splits)])
+    # the fixed budget's top-down selection (best-first expansion), with its own split count per image
+    return ranked_split_mask(scores, (ratios[:, None] * tree.num_decisions).round(), tree.to("cpu"))
 
 
 def configured_runner(

@@ -531,6 +531,20 @@ COLOURS = {"residual": "tab:red", "counterfactual": "tab:orange", "straight_thro
            "all_fine": "black", "all_coarse": "tab:gray", "content": "tab:olive"}  # fmt: skip
 
 
+def budget_curves(rows: dict, tuning: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Policy kind -> its `(GMACs, test top-1 %, std of top-1 over seeds)` at each fixed budget of a study's rows
+    (means over seeds), sorted by GMACs; thresholds left out."""
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for (kind, group_tuning, budget), group in group_rows(rows).items():
+        if group_tuning != tuning or budget.startswith("threshold"):
+            continue
+        accuracy = [100 * row["test"]["accuracy"] for row in group]
+        spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+        gmacs = statistics.mean(row["test"]["gmacs"] for row in group)
+        curves.setdefault(kind, []).append((gmacs, statistics.mean(accuracy), spread))
+    return {kind: sorted(points) for kind, points in curves.items()}
+
+
 def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
     """Test top-1 against GMACs, frozen and fine-tuned side by side: mean ± std over seeds of every policy of the
     `study` at its fixed budgets, and (on the shared backbone's bench) the models trained from scratch."""
@@ -540,19 +554,11 @@ def plot_accuracy_vs_gmacs(summary: dict, study: str, path: Path) -> None:
     from matplotlib import pyplot as plt
 
     figure, panels = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    groups = group_rows(summary[study]["rows"])
     for axes, tuning in zip(panels, ("frozen", "fine-tuned")):
-        curves: dict[str, list[tuple]] = {}
-        for (kind, group_tuning, budget), group in groups.items():
-            if group_tuning != tuning or kind not in COLOURS or budget.startswith("threshold"):
+        for kind, points in budget_curves(summary[study]["rows"], tuning).items():
+            if kind not in COLOURS:
                 continue
-            accuracy = [100 * row["test"]["accuracy"] for row in group]
-            spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
-            curves.setdefault(kind, []).append(
-                (statistics.mean(row["test"]["gmacs"] for row in group), statistics.mean(accuracy), spread)
-            )
-        for kind, points in curves.items():
-            gmacs, accuracy, spread = zip(*sorted(points))
+            gmacs, accuracy, spread = zip(*points)
             axes.errorbar(gmacs, accuracy, yerr=spread, color=COLOURS[kind], marker="o", markersize=4, capsize=3,
                           label=kind)  # fmt: skip
         for row in summary["from_scratch"] if study == "shared" else []:
@@ -582,20 +588,10 @@ SCALES_KINDS = ("entropy", "std", "residual", "counterfactual", "straight_throug
 def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float, float]]], float]:
     """Kind -> sorted `(GMACs, test top-1 %)` means over seeds of a study's frozen rows at its fixed budgets, and its
     all-fine top-1."""
-    curves: dict[str, list[tuple[float, float]]] = {}
-    all_fine = None
-    for (kind, tuning, budget), group in group_rows(summary[study]["rows"]).items():
-        if tuning != "frozen" or budget.startswith("threshold"):
-            continue
-        point = (
-            statistics.mean(row["test"]["gmacs"] for row in group),
-            statistics.mean(100 * row["test"]["accuracy"] for row in group),
-        )
-        if kind == "all_fine":
-            all_fine = point[1]
-        elif kind in SCALES_KINDS:
-            curves.setdefault(kind, []).append(point)
-    return {kind: sorted(points) for kind, points in curves.items()}, all_fine
+    curves = budget_curves(summary[study]["rows"], "frozen")
+    all_fine = curves["all_fine"][0][1] if "all_fine" in curves else None
+    means = {kind: [(gmacs, accuracy) for gmacs, accuracy, _ in points] for kind, points in curves.items()}
+    return {kind: points for kind, points in means.items() if kind in SCALES_KINDS}, all_fine
 
 
 def scales_table(summary: dict, tolerance: float = 1.0) -> str:

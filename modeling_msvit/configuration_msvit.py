@@ -293,16 +293,6 @@ class MSViTConfig(PreTrainedConfig):
         return sizes[1] // sizes[0]
 
     @property
-    def num_split_decisions(self) -> int:
-        """The gate's decisions per image at `image_size` (`D`): every cell of a size above `patch_size` that the
-        size's grid holds (the coarse regions with two sizes)."""
-        rows, columns = self.fine_grid_size
-        return sum(
-            (rows // self.scale_ratio**level) * (columns // self.scale_ratio**level)
-            for level in range(1, self.num_scales)
-        )
-
-    @property
     def coarse_grid_size(self) -> tuple[int, int]:
         height, width = _as_pair(self.image_size)
         return height // self.coarse_patch_size, width // self.coarse_patch_size

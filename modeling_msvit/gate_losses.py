@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .mixed_scale_tokens import ScaleTree, top_down_key
+from .mixed_scale_tokens import ScaleTree, build_scale_tree, ranked_split_mask
 
 
 CDF_CLIP = 1e-3
@@ -105,10 +105,8 @@ def sample_training_layouts(split_logits: torch.Tensor, mode: str, tree: ScaleTr
     scores = split_logits.detach().float() if mode == "gate" else torch.zeros_like(split_logits, dtype=torch.float32)
     shuffle = torch.rand_like(scores).argsort(dim=1)  # a random order among equal scores
     order = shuffle.gather(1, scores.gather(1, shuffle).argsort(dim=1, descending=True, stable=True))
-    rank = order.argsort(dim=1)  # each region's place in the order
-    if tree.num_scales > 2:
-        rank = top_down_key(-rank.float(), tree).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-    return rank < num_split
+    place = order.argsort(dim=1)  # each region's place in the order
+    return ranked_split_mask(-place.float(), num_split, tree)
 
 
 def sample_flips(reachable: torch.Tensor, num_flips: int, guaranteed: int) -> torch.Tensor:
@@ -162,7 +160,8 @@ class MSViTGateLoss(nn.Module):
         self.prior_temperature = config.gate_prior_temperature
         self.hyperprior_weight = config.gbas_hyperprior_weight
         self.temperature_weight = config.gbas_temperature_weight
-        self.num_coarse = config.num_split_decisions
+        # one prior per decision of the configured image size's region tree (per coarse region with two sizes)
+        self.num_coarse = build_scale_tree(config.fine_grid_size, config.scale_ratio, config.num_scales).num_decisions
         if self.loss_type == "gbas" and uses_priors:
             # stored as logit(mu_k) and log(tau_k): unconstrained parameters for valid priors
             self.prior_mean_logits = nn.Parameter(torch.zeros(self.num_coarse))

@@ -163,7 +163,9 @@ def _cpu_scale_tree(fine_grid: tuple[int, int], ratio: int, num_scales: int) -> 
         for level in range(num_scales)
     ]
     parent = [
-        index[(level + 1, row // ratio, column // ratio)] if in_grid(level + 1, row // ratio, column // ratio) else -1
+        index[(level + 1, row // ratio, column // ratio)]
+        if in_grid(level + 1, row // ratio, column // ratio)
+        else num_decisions
         for level, row, column in candidates
     ]
     # built on the CPU explicitly: transformers may first build the model under a meta-device context
@@ -174,9 +176,7 @@ def _cpu_scale_tree(fine_grid: tuple[int, int], ratio: int, num_scales: int) -> 
         num_roots=len(roots),
         num_decision_roots=sum(1 for root in roots if root[0] > 0),
         level=torch.tensor([level for level, _, _ in candidates], dtype=torch.long, device="cpu"),
-        parent=torch.tensor(
-            [num_decisions if value < 0 else value for value in parent], dtype=torch.long, device="cpu"
-        ),
+        parent=torch.tensor(parent, dtype=torch.long, device="cpu"),
         cells=torch.tensor([ratio ** (2 * level) for level, _, _ in candidates], dtype=torch.long, device="cpu"),
         grid_row=torch.tensor(
             [offsets[level] + row * grids[level][1] + column for level, row, column in candidates],
@@ -486,6 +486,13 @@ def top_down_key(scores: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
     return key
 
 
+def ranked_split_mask(scores: torch.Tensor, num_split: torch.Tensor, tree: ScaleTree) -> torch.Tensor:
+    """Each image splits its `num_split` `(B, 1)` highest-scoring nodes top-down (`top_down_key`; ties in decision
+    order): `(B, D)` effective decisions with a count per image. With two scales, its top-`num_split` regions."""
+    rank = top_down_key(scores, tree).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return rank < num_split
+
+
 def budget_split_mask(split_logits: torch.Tensor, num_split: int, tree: ScaleTree) -> torch.Tensor:
     """Split exactly `num_split` nodes per image, top-down by the gate's ranking (`top_down_key`), in one `topk`:
     `(B, D)` effective decisions. With two scales this is `topk_split_mask`."""
@@ -511,6 +518,7 @@ __all__ = [
     "packed_token_rows",
     "padded_token_rows",
     "patchify",
+    "ranked_split_mask",
     "reachable_decisions",
     "region_neighbourhoods",
     "token_cell_counts",

@@ -353,7 +353,6 @@ class MSViTEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.randn(1, 1 + fine_height * fine_width, config.hidden_size))
         self.gate = MSViTGate(config) if config.gate_type == "learned" else MSViTContentGate(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        # the configured image size's token tree (recomputed in `_init_weights`): constants for `torch.compile`
         # the configured image size's token tree: its tensors as buffers (recomputed in `_init_weights`), so that
         # they follow the model's device and are constants for `torch.compile`, and its sizes as plain attributes
         self.configured_tree = build_scale_tree(config.fine_grid_size, config.scale_ratio, config.num_scales)

@@ -54,7 +54,7 @@ def ragged_tree_layouts(model, batch_size: int, size: int, seed: int = 0) -> tor
 def test_patch_sizes_config_and_two_scales_unchanged(tmp_path):
     config = three_scale()
     assert (config.patch_size, config.coarse_patch_size, config.scale_ratio, config.num_scales) == (4, 16, 2, 3)
-    assert config.num_split_decisions == 20
+    assert MSViTModel(config).scale_tree(32, 32).num_decisions == 20
     config.save_pretrained(tmp_path)
     assert MSViTConfig.from_pretrained(tmp_path).scale_sizes == (4, 8, 16)
     # [patch_size, coarse_patch_size] written out is today's two-scale model, weight for weight and output for output

@@ -87,8 +87,7 @@ def image_processor_for(
 def compute_summary(model: MSViTPreTrainedModel) -> dict:
     """Token and GMAC ranges of a model, for model cards and reports (the ViT figure has the same head)."""
     config = model.config
-    fine_height, fine_width = config.fine_grid_size
-    tree = model.base_model.scale_tree(fine_height * config.patch_size, fine_width * config.patch_size)
+    tree = model.base_model.embeddings.configured_tree
     min_tokens, max_tokens = 1 + tree.num_roots, 1 + tree.num_fine
     macs = model.compute_macs(torch.tensor([min_tokens, max_tokens]))
     vit = vit_macs_for_config(config) + int(model._head_macs(torch.tensor(max_tokens)))

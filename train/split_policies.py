@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 import torch
 
-from modeling_msvit.mixed_scale_tokens import ScaleTree, budget_split_mask, build_scale_tree, top_down_key
+from modeling_msvit.mixed_scale_tokens import ScaleTree, budget_split_mask, build_scale_tree, ranked_split_mask
 
 
 SplitPolicy = Literal["gate", "random", "centre", "all_coarse", "all_fine"]
@@ -85,5 +85,4 @@ def uniform_density_split_mask(
     broken at random.)"""
     batch_size, num_decisions = scores.shape
     num_split = torch.randint(0, num_decisions + 1, (batch_size, 1), generator=generator)
-    rank = top_down_key(scores, tree).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-    return rank < num_split
+    return ranked_split_mask(scores, num_split, tree)
