@@ -24,10 +24,13 @@ cluttered variant with `--dataset cluttered_translated_fashion_mnist`) is conver
 Gates train on a fixed subset of `--gate_train_samples` images, one epoch. Each row gives validation and test top-1,
 GMACs, tokens, fine ratio and how often it splits the item's regions, clutter regions and empty ones; inference
 throughput relative to the ViT is measured side by side per budget. `results.json` is written after every row (a
-rerun skips finished rows; trained gates are kept in `gates/`), then `table.md`.
+rerun skips finished rows; trained gates are kept in `gates/`), then `table.md`. Runs of different `--seeds` may share
+one `--output_dir` at the same time: every write merges the rows the others wrote (`merge_results`).
 """
 
+import fcntl
 import json
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +168,25 @@ def ratio_budget(ratio: float) -> str:
     return f"ratio={ratio}"
 
 
+def merge_results(path: Path, rows: dict[str, dict], throughput: dict[str, dict]) -> tuple[dict, dict]:
+    """Write `rows` and `throughput` to the study's `results.json` at `path`, merged with what it holds, and return the
+    merged state. Rows are only ever added, never changed, so the union is every writer's work: runs of other seeds
+    writing to the same file lose nothing. The directory is locked for the read and the write, and the file is
+    replaced atomically, so a reader never sees half a file."""
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        rows = {**saved.get("rows", {}), **rows}
+        throughput = {**saved.get("throughput", {}), **throughput}
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps({"rows": rows, "throughput": throughput}, indent=1))
+        partial.replace(path)
+    finally:
+        os.close(directory)  # releases the lock
+    return rows, throughput
+
+
 class GateStudy:
     def __init__(self, args: GateStudyArguments):
         self.args = args
@@ -197,7 +219,7 @@ class GateStudy:
         ).eval()
 
     def save(self) -> None:
-        self.results_path.write_text(json.dumps({"rows": self.rows, "throughput": self.throughput}, indent=1))
+        self.rows, self.throughput = merge_results(self.results_path, self.rows, self.throughput)
 
     def record(self, name: str, model, *, policy: str = "gate", value: float | None = None, **row) -> None:
         """Evaluate `model` on validation and test under the row's policy and budget, and store the row."""

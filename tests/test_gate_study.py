@@ -105,6 +105,22 @@ def test_fine_tuning_trains_the_backbone_on_the_gates_own_layouts(config, gate_o
     assert torch.equal(model.msvit.layers[0].attention.o_proj.weight, backbone) == gate_only
 
 
+def test_runs_of_other_seeds_share_a_results_file_without_losing_rows(tmp_path):
+    from msvit.experiments.gate_study import merge_results
+
+    path = tmp_path / "results.json"
+    first = {"all_fine|frozen|-|seed=0": {"value": None}}
+    # two runs start from the same file and each adds its own seed's rows to its stale copy
+    rows_a, _ = merge_results(path, first, {"all_fine": 1.0})
+    rows_b = dict(rows_a)
+    rows_a, _ = merge_results(path, {**rows_a, "random|frozen|ratio=0.5|seed=1": {"value": 0.5}}, {})
+    rows_b, throughput = merge_results(path, {**rows_b, "random|frozen|ratio=0.5|seed=2": {"value": 0.5}}, {})
+    expected = {*first, "random|frozen|ratio=0.5|seed=1", "random|frozen|ratio=0.5|seed=2"}
+    assert set(rows_b) == expected and throughput == {"all_fine": 1.0}
+    assert set(json.loads(path.read_text())["rows"]) == expected
+    assert [entry.name for entry in tmp_path.iterdir()] == ["results.json"]  # written in place of the file, atomically
+
+
 @needs_data
 def test_gate_study_runs_resumes_and_writes_its_table(tmp_path):
     from msvit.experiments.gate_study import main
