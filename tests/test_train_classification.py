@@ -18,6 +18,7 @@ from msvit.experiments.evidence import (
     EvidenceArguments,
     check_precondition,
     from_scratch_runs,
+    gate_targets_table,
     scales_table,
     study_args,
 )
@@ -295,3 +296,35 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
     # all fine 80.1 %; two scales reach 79.6 % at 0.6 GMACs, three 79.6 % at 0.3: 0.5x
     assert "All fine: 80.10 %" in table and "| std | 0.6000 (79.60 %) | 0.3000 (79.60 %) | 0.50x |" in table
     assert "| entropy | not reached | not reached |  |" in table
+
+
+def test_gate_targets_table_by_hand():
+    """The residual gate's margin over the better rule, per seed against the rule's run of that seed (fine-tuned) or
+    its one deterministic run (frozen), with the targets of each bench."""
+
+    def row(kind, tuning, ratio, seed, accuracy, item=0.8, other=0.2):
+        name = f"{kind}|{tuning}|ratio={ratio}" + ("" if seed is None else f"|seed={seed}")
+        test = {"accuracy": accuracy, "split_rate_content": item, "split_rate_clutter": other}
+        return name, {"kind": kind, "tuning": tuning, "budget": "ratio", "seed": seed, "value": ratio,
+                      "test": test, "validation": {"accuracy": accuracy + 0.01}}  # fmt: skip
+
+    textured = dict([
+        row("entropy", "frozen", 0.25, None, 0.40), row("std", "frozen", 0.25, None, 0.42),
+        row("residual", "frozen", 0.25, 0, 0.435), row("residual", "frozen", 0.25, 1, 0.433),
+        row("std", "fine-tuned", 0.4, 0, 0.50), row("std", "fine-tuned", 0.4, 1, 0.52),
+        row("entropy", "fine-tuned", 0.4, 0, 0.49), row("entropy", "fine-tuned", 0.4, 1, 0.49),
+        row("residual", "fine-tuned", 0.4, 0, 0.51), row("residual", "fine-tuned", 0.4, 1, 0.515, item=0.1),
+    ])  # fmt: skip
+    clean = dict([row("entropy", "frozen", 0.5, None, 0.80), row("residual", "frozen", 0.5, 0, 0.7985)])
+    table = gate_targets_table({"textured": {"rows": textured}, "shared": {"rows": clean}})
+    lines = table.splitlines()
+    # clean: -0.15 < -0.1, missed; textured frozen: +1.5 / +1.3 over std, mean 1.40 > 2 * 0.14; fine-tuned: +1.0 /
+    # -0.5 over std's own seeds (mean 51 % beats entropy's 49 %), mean +0.25
+    assert lines[2] == "| clean | frozen | 0.5 | 1 | entropy | -0.15 ± 0.00 | -0.15 | ≥ -0.1 | **no** |"
+    assert lines[3] == (
+        "| textured, contrast 1.0 | frozen | 0.25 | 2 | std | +1.40 ± 0.14 | +1.40 | ≥ +1.0 and > 2 std | yes |"
+    )
+    assert lines[4].startswith("| textured, contrast 1.0 | fine-tuned | 0.4 | 2 | std | +0.25 ± 1.06 |")
+    assert lines[4].endswith("| **no** |")
+    assert table.endswith("item regions more often than any other in 4 of 5 runs.\n")
+    assert gate_targets_table({"sparse": {"rows": textured}}) == ""
