@@ -49,7 +49,7 @@ from msvit.experiments.gate_study import (
 )
 from msvit.tools.gate_map import stacked
 from msvit.tools.readme import replace_section
-from msvit.train.data import load_classification_splits
+from msvit.train.data import TEST_BACKGROUNDS, TRAIN_BACKGROUNDS, load_classification_splits
 from msvit.train.evaluation import interleaved_images_per_second, processed_pixel_values
 from msvit.train.gate_training import evaluate_split_policy
 from msvit.train.msvit_recipe import GATE_RECIPES, budget_args, gate_training_args, residual_gate_recipe
@@ -455,6 +455,10 @@ def summarise(args: EvidenceArguments) -> dict:
     targets = gate_targets_table(summary)
     if targets:
         sections += [f"#### {GATE_TARGETS_TITLE}", "", targets]
+    for bench in TEXTURED_BENCHES:
+        if bench in summary:
+            title = f"{STUDIES[bench].title}: the residual gate per background photo, frozen (mean over seeds)"
+            sections += [f"#### {title}", "", background_photo_table(background_photo_accuracy(args, bench))]
     if all(name in summary for name in SPARSE_STUDIES):
         sections += [f"#### {SCALES_TITLE}", "", scales_table(summary)]
         plot_scales(summary, out / SCALES_FIGURE)
@@ -648,6 +652,73 @@ def gate_targets_table(summary: dict) -> str:
     orientation = "every run" if all(oriented) else f"{sum(oriented)} of {len(oriented)} runs"
     closing = f"The residual gate splits item regions more often than any other in {orientation}."
     return "\n".join(lines) + f"\n\n{closing}\n"
+
+
+def background_photo_accuracy(args: EvidenceArguments, study: str) -> dict:
+    """Top-1 (%) per background photo of a textured bench, frozen: the best training-free rule and the residual gate
+    of every seed (started from that rule) at each budget, on validation (the training photos) and test (photos
+    never seen in training): where the learned correction helps and where it hurts. Computed once, then read from
+    `<study>/backgrounds.json`."""
+    out = Path(args.output_dir)
+    path = out / study / "backgrounds.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    bench = STUDIES[study]
+    backbone = out / bench.backbone / "model"
+    rows = study_results(out, study)["rows"]
+    rule = best_training_free_rule(rows, list(bench.ratios))
+    seeds = sorted({row["seed"] for name, row in rows.items() if name.startswith("residual|frozen|")})
+    convert = dict(coarse_patch_size=bench.coarse_patch_size, size_aware_attention=True)
+    models = {"rule": MSViTForImageClassification.from_vit(backbone, gate_type=rule, **convert).eval()}
+    for seed in seeds:
+        model = MSViTForImageClassification.from_vit(backbone, **residual_gate_recipe(rule), **convert).eval()
+        model.msvit.embeddings.gate.load_state_dict(load_file(gate_path(out / study, "residual", None, seed)))
+        models[f"residual seed {seed}"] = model
+    processor = AutoImageProcessor.from_pretrained(backbone)
+    splits = load_classification_splits(bench.dataset, background_contrast=bench.background_contrast)
+    accuracy = {"rule": rule}
+    for split, photo_names in (("validation", TRAIN_BACKGROUNDS), ("test", TEST_BACKGROUNDS)):
+        pixel_values = processed_pixel_values(splits[split], processor, models["rule"].config.num_channels)
+        labels = torch.as_tensor(splits[split].with_format("numpy")["label"][:])
+        photos = torch.as_tensor(splits[split].with_format("numpy")["background"][:])
+        for ratio in bench.ratios:
+            correct = {}
+            for name, model in models.items():
+                model.set_budget(fine_ratio=ratio)
+                with torch.inference_mode():
+                    predictions = torch.cat([model(batch).logits.argmax(-1) for batch in pixel_values.split(500)])
+                correct[name] = predictions == labels
+            accuracy.setdefault(split, {})[f"{ratio:g}"] = {
+                photo_name: {
+                    "images": int((photos == index).sum()),
+                    **{name: 100 * hits[photos == index].float().mean().item() for name, hits in correct.items()},
+                }
+                for index, photo_name in enumerate(photo_names)
+            }
+    path.write_text(json.dumps(accuracy, indent=1) + "\n")
+    return accuracy
+
+
+def background_photo_table(accuracy: dict) -> str:
+    """Per split and background photo: the rule's top-1 and the residual gate's margin over it (mean over seeds)."""
+    ratios = list(accuracy["test"])
+    budgets = " / ".join(ratios)
+    lines = [
+        f"| split | background photo | images | {accuracy['rule']} rule: top-1 at {budgets} "
+        f"| residual gate − rule: {budgets} |",
+        "|---|---|---|---|---|",
+    ]
+
+    def margin(cell: dict) -> float:
+        return statistics.mean(value for name, value in cell.items() if name.startswith("residual")) - cell["rule"]
+
+    for split in ("validation", "test"):
+        for photo_name, first in accuracy[split][ratios[0]].items():
+            measured = [accuracy[split][ratio][photo_name] for ratio in ratios]
+            rule = " / ".join(f"{cell['rule']:.2f}" for cell in measured)
+            margins = " / ".join(f"{margin(cell):+.2f}" for cell in measured)
+            lines.append(f"| {split} | {photo_name} | {first['images']} | {rule} | {margins} |")
+    return "\n".join(lines) + "\n"
 
 
 SCALES_TITLE = "Sparse bench: two against three scales, frozen ViT/16 (mean over seeds)"

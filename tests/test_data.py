@@ -320,7 +320,7 @@ def test_texture_background_keeps_the_item_and_fills_the_rest_from_a_photo_crop(
     photos = [gradient_photo(200, 300), np.zeros((100, 100))]
     photos[1][50:, :] = 1.0  # top half black, bottom half white
     textured = add_texture_background(translated, seed=5, photos=photos, contrast=0.6)
-    assert textured.column_names == translated.column_names
+    assert textured.column_names == [*translated.column_names, "background"]
     assert textured["top"] == translated["top"] and textured["label"] == translated["label"]
     clean, canvases = canvases_of(translated), canvases_of(textured)
     item = clean > 0
@@ -348,6 +348,16 @@ def test_texture_background_crops_at_least_a_quarter_of_the_photo():
     assert all(len(np.unique(canvas)) <= 3 for canvas in canvases)
     canvases = canvases_of(add_texture_background(blank, seed=0, photos=[photo], crop_scale=(1.0, 1.0)))
     assert all(np.array_equal(canvas[0, ::4], np.round(np.arange(4) / 3 * 255)) for canvas in canvases)
+
+
+def test_texture_background_column_names_each_canvas_photo():
+    # item-free canvases on two flat photos, dark and bright: each canvas's value says which photo is behind it
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    blank = datasets.Dataset.from_dict({"image": [PIL.Image.new("L", (16, 16))] * 64, "label": [0] * 64}, features)
+    photos = [np.zeros((64, 64)), np.ones((64, 64))]
+    textured = add_texture_background(blank, seed=3, photos=photos)
+    bright = [int(canvas.mean() > 127) for canvas in canvases_of(textured)]
+    assert textured["background"] == bright and 0 < sum(bright) < 64
 
 
 def test_textured_splits_use_held_out_photos_and_seeded_crops(tiny_dir):

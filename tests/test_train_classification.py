@@ -16,6 +16,7 @@ from msvit.experiments.evidence import (
     STUDIES,
     TEXTURED_BENCHES,
     EvidenceArguments,
+    background_photo_table,
     check_precondition,
     from_scratch_runs,
     gate_targets_table,
@@ -328,3 +329,20 @@ def test_gate_targets_table_by_hand():
     assert lines[4].endswith("| **no** |")
     assert table.endswith("item regions more often than any other in 4 of 5 runs.\n")
     assert gate_targets_table({"sparse": {"rows": textured}}) == ""
+
+
+def test_background_photo_table_by_hand():
+    def cell(rule, *residual):
+        return {"images": 10, "rule": rule, **{f"residual seed {seed}": value for seed, value in enumerate(residual)}}
+
+    accuracy = {
+        "rule": "std",
+        "validation": {"0.25": {"brick": cell(40.0, 41.0, 43.0)}, "0.4": {"brick": cell(50.0, 49.0, 49.5)}},
+        "test": {"0.25": {"moon": cell(60.0, 60.5, 60.5)}, "0.4": {"moon": cell(61.0, 61.0, 61.0)}},
+    }
+    lines = background_photo_table(accuracy).splitlines()
+    assert lines[0].startswith("| split | background photo | images | std rule: top-1 at 0.25 / 0.4 |")
+    assert lines[2:] == [
+        "| validation | brick | 10 | 40.00 / 50.00 | +2.00 / -0.75 |",
+        "| test | moon | 10 | 60.00 / 61.00 | +0.50 / +0.00 |",
+    ]

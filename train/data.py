@@ -463,7 +463,8 @@ def add_texture_background(
     square crop whose side is a uniform fraction in `crop_scale` of the photo's shorter side (and never shorter than
     the canvas), at a uniformly random position, resized to the canvas (area average). The crop is scaled to
     `[0, contrast]` of the pixel range, and every item pixel above 0 replaces it (the item keeps its exact values).
-    Other columns, `top` and `left` included, are kept, so the item's regions are those of the clean canvas.
+    Other columns, `top` and `left` included, are kept, so the item's regions are those of the clean canvas; a
+    `background` column holds the index in `photos` of each canvas's photo.
     """
     if not 0.0 < contrast <= 1.0:
         raise ValueError(f"background_contrast must lie in (0, 1], got {contrast}.")
@@ -494,9 +495,10 @@ def add_texture_background(
         background = np.rint(np.asarray(crop) * (255 * contrast)).clip(0, 255).astype(np.uint8)
         textured[index] = np.where(canvases[index] > 0, canvases[index], background)
     photo_hash = hashlib.sha256(b"".join(photo.tobytes() for photo in photos)).hexdigest()[:16]
-    return _with_new_images(
+    composed = _with_new_images(
         dataset, records, ("add_texture_background", seed, photo_hash, contrast, tuple(crop_scale))
     )
+    return composed.add_column("background", choices.tolist())
 
 
 def train_validation_split(
