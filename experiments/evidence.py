@@ -601,18 +601,19 @@ GATE_TARGET_BENCHES = {"shared": "clean", "cluttered": "cluttered", **{
 }}  # fmt: skip
 
 
-def seed_accuracies(rows: dict, kind: str, tuning: str, ratio: float, split: str = "test") -> dict:
-    """Seed (None for a deterministic row) -> top-1 (%) of one policy at one fixed budget."""
-    group = group_rows(rows).get((kind, tuning, ratio_budget(ratio)), [])
+def seed_accuracies(groups: dict, kind: str, tuning: str, ratio: float, split: str = "test") -> dict:
+    """Seed (None for a deterministic row) -> top-1 (%) of one policy at one fixed budget, from a study's
+    `group_rows`."""
+    group = groups.get((kind, tuning, ratio_budget(ratio)), [])
     return {row.get("seed"): 100 * row[split]["accuracy"] for row in group}
 
 
-def margin_over_best_rule(rows: dict, tuning: str, ratio: float, split: str = "test") -> tuple[str, list[float]]:
+def margin_over_best_rule(groups: dict, tuning: str, ratio: float, split: str = "test") -> tuple[str, list[float]]:
     """The best rule there (higher mean top-1) and the residual gate's margin over it per seed: each seed against
     the rule's run of the same seed (fine-tuned rows) or its one deterministic run (frozen)."""
-    rules = {rule: seed_accuracies(rows, rule, tuning, ratio, split) for rule in RULES}
+    rules = {rule: seed_accuracies(groups, rule, tuning, ratio, split) for rule in RULES}
     best = max((rule for rule in rules if rules[rule]), key=lambda rule: statistics.mean(rules[rule].values()))
-    residual = seed_accuracies(rows, "residual", tuning, ratio, split)
+    residual = seed_accuracies(groups, "residual", tuning, ratio, split)
     rule = rules[best]
     return best, [value - rule.get(seed, rule.get(None)) for seed, value in sorted(residual.items())]
 
@@ -627,13 +628,14 @@ def gate_targets_table(summary: dict) -> str:
     ]
     oriented = []
     for study, bench in GATE_TARGET_BENCHES.items():
-        rows = summary.get(study, {}).get("rows", {})
+        groups = group_rows(summary.get(study, {}).get("rows", {}))
         for tuning in ("frozen", "fine-tuned"):
             for ratio in GATE_TARGET_RATIOS:
-                if not seed_accuracies(rows, "residual", tuning, ratio):
+                residual = groups.get(("residual", tuning, ratio_budget(ratio)))
+                if not residual:
                     continue
-                best, margins = margin_over_best_rule(rows, tuning, ratio)
-                _, validation = margin_over_best_rule(rows, tuning, ratio, "validation")
+                best, margins = margin_over_best_rule(groups, tuning, ratio)
+                _, validation = margin_over_best_rule(groups, tuning, ratio, "validation")
                 target = ABOVE_THE_RULE.get((study, ratio), NEVER_BELOW)
                 mean = statistics.mean(margins)
                 spread = statistics.stdev(margins) if len(margins) > 1 else 0.0
@@ -643,7 +645,7 @@ def gate_targets_table(summary: dict) -> str:
                     f"| {bench} | {tuning} | {ratio:g} | {len(margins)} | {best} | {mean:+.2f} ± {spread:.2f} "
                     f"| {statistics.mean(validation):+.2f} | {target_text} | {'yes' if met else '**no**'} |"
                 )
-                for row in group_rows(rows)[("residual", tuning, ratio_budget(ratio))]:
+                for row in residual:
                     test = row["test"]
                     others = [test[key] for key in SPLIT_RATES if key != "split_rate_content" and key in test]
                     oriented.append(test["split_rate_content"] > max(others))
