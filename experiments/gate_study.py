@@ -29,6 +29,7 @@ one `--output_dir` at the same time: every write merges the rows the others wrot
 """
 
 import fcntl
+import functools
 import json
 import os
 import statistics
@@ -201,11 +202,22 @@ class GateStudy:
             seed=args.data_seed, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
         )
         splits = load_classification_splits(args.dataset, background_contrast=args.background_contrast, **load)
-        self.data = split_tensors(splits, processor, self.num_channels)
+        self.train_split, self.processor = splits["train"], processor
+        self.data = split_tensors(
+            {split: splits[split] for split in ("validation", "test")}, processor, self.num_channels
+        )
         self.items = translated_item_regions(args.dataset, processor, self.model().config, load)
         generator = torch.Generator().manual_seed(args.data_seed)
-        subset = torch.randperm(len(self.data["train"][1]), generator=generator)[: args.gate_train_samples]
-        self.gate_data = tuple(tensor[subset] for tensor in self.data["train"])
+        subset = torch.randperm(len(self.train_split), generator=generator)[: args.gate_train_samples]
+        # only the gates' images are processed up front: the whole training split (8 GB of tensors on the sparse
+        # bench) waits for the first fine-tuning, `train_data`
+        gate_split = self.train_split.select(subset.tolist())
+        self.gate_data = split_tensors({"train": gate_split}, processor, self.num_channels)["train"]
+
+    @functools.cached_property
+    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every training image and label, processed: what each fine-tuning trains on."""
+        return split_tensors({"train": self.train_split}, self.processor, self.num_channels)["train"]
 
     @property
     def num_channels(self) -> int:
@@ -259,7 +271,7 @@ class GateStudy:
     def finetuned(self, model, seed: int, description: str, **options) -> MSViTForImageClassification:
         torch.manual_seed(seed)
         training = GateTrainingArguments(self.args.finetune_learning_rate, epochs=self.args.finetune_epochs, seed=seed)
-        train_on_tensors(model, *self.data["train"], training, gate_only=False, description=description, **options)
+        train_on_tensors(model, *self.train_data, training, gate_only=False, description=description, **options)
         return model
 
     def missing(self, names: list[str]) -> bool:

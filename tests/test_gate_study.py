@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+from transformers import HfArgumentParser, ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from modeling_msvit import MSViTForImageClassification
 from modeling_msvit.mixed_scale_tokens import build_scale_tree, close_splits
@@ -164,6 +164,32 @@ def test_gate_study_runs_resumes_and_writes_its_table(tmp_path):
     mtime = (tmp_path / "study" / "results.json").stat().st_mtime
     main(arguments)  # finished rows are not run again
     assert (tmp_path / "study" / "results.json").stat().st_mtime == mtime
+
+
+def test_gate_study_processes_the_whole_training_split_only_to_fine_tune(tmp_path):
+    """The gates' subset is processed on its own, and equals the same images of the whole split processed at once."""
+    from msvit.experiments.gate_study import GateStudy, GateStudyArguments
+
+    (args,) = HfArgumentParser(GateStudyArguments).parse_args_into_dataclasses(
+        args=[
+            "--backbone",
+            str(tiny_backbone(tmp_path)),
+            "--output_dir",
+            str(tmp_path / "study"),
+            "--max_train_samples",
+            "48",
+            "--gate_train_samples",
+            "20",
+            "--max_eval_samples",
+            "8",
+        ]  # fmt: skip
+    )
+    study = GateStudy(args)
+    assert "train_data" not in vars(study)  # not processed yet
+    pixel_values, labels = study.train_data
+    assert pixel_values.shape == (48, 1, 64, 64) and labels.shape == (48,)
+    subset = torch.randperm(48, generator=torch.Generator().manual_seed(args.data_seed))[:20]
+    assert torch.equal(study.gate_data[0], pixel_values[subset]) and torch.equal(study.gate_data[1], labels[subset])
 
 
 @needs_data
