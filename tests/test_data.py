@@ -441,6 +441,15 @@ def test_sparse_splits_use_their_own_placement_seeds(tiny_dir):
     assert small["test"][0]["image"].size == (96, 96) and max(small["test"]["top"]) <= 40
 
 
+def test_processed_pixel_values_in_chunks_equal_all_at_once(tiny_dir, processor):
+    test = load_classification_splits("translated_fashion_mnist", data_dir=tiny_dir, validation_size=100)["test"]
+    test = test.select(range(23))
+    whole = processed_pixel_values(test, processor, 1, chunk_size=23)
+    assert whole.shape == (23, 1, 32, 32)
+    for chunk_size in (5, 1):  # a ragged last chunk (23 = 4 x 5 + 3), and one image at a time
+        assert torch.equal(processed_pixel_values(test, processor, 1, chunk_size=chunk_size), whole)
+
+
 def test_item_regions_of_the_translated_sets(tiny_dir, processor):
     assert CLEAN_CANVASES == {
         "cluttered_translated_fashion_mnist": "translated_fashion_mnist",

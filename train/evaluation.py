@@ -120,10 +120,21 @@ def evaluate_segmenter(model: torch.nn.Module, dataloader, accelerator: Accelera
     }
 
 
-def processed_pixel_values(dataset: datasets.Dataset, image_processor, num_channels: int) -> torch.Tensor:
-    """Every image of `dataset` through `image_processor`, as one `(N, num_channels, H, W)` tensor."""
-    transform = make_transforms(image_processor, train=False, num_channels=num_channels)
-    return dataset.with_transform(transform)[: len(dataset)]["pixel_values"]
+def processed_pixel_values(
+    dataset: datasets.Dataset, image_processor, num_channels: int, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Every image of `dataset` through `image_processor`, as one `(N, num_channels, H, W)` tensor, processed
+    `chunk_size` images at a time into the result: the peak memory stays near the result's own, not three times it
+    (decoded images, per-batch arrays and the stacked copy at once)."""
+    transformed = dataset.with_transform(make_transforms(image_processor, train=False, num_channels=num_channels))
+    if len(dataset) <= chunk_size:
+        return transformed[:]["pixel_values"]
+    first = transformed[:chunk_size]["pixel_values"]
+    pixel_values = first.new_empty((len(dataset), *first.shape[1:]))
+    pixel_values[:chunk_size] = first
+    for start in range(chunk_size, len(dataset), chunk_size):
+        pixel_values[start : start + chunk_size] = transformed[start : start + chunk_size]["pixel_values"]
+    return pixel_values
 
 
 @torch.no_grad()
