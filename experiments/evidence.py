@@ -790,7 +790,7 @@ def plot_scales(summary: dict, path: Path) -> None:
 def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images: int = 6) -> None:
     """Gate maps at fine ratio 0.5 on a study's frozen ViT/8, one row per gate: the best training-free rule,
     straight-through, counterfactual and residual (seed of the first run; a gate not trained yet is left out), on the
-    same first test images of its bench."""
+    same first test images of its bench). None while the rules' rows are not all in."""
     out = Path(args.output_dir)
     bench = STUDIES[study]
     backbone = out / bench.backbone / "model"
@@ -801,7 +801,12 @@ def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images:
     images = [test[i]["image"] for i in range(num_images)]
     seed = args.seeds[0]
     results = study_results(out, study)
-    rule = best_training_free_rule(results["rows"], json.loads((out / study / "arguments.json").read_text())["ratios"])
+    try:
+        rule = best_training_free_rule(
+            results["rows"], json.loads((out / study / "arguments.json").read_text())["ratios"]
+        )
+    except ValueError:  # a study still running: no maps until its rules have every budget's rows
+        return
     gates = {
         rule: ({"gate_type": rule}, None),
         "straight_through": (

@@ -214,9 +214,17 @@ def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(
     assert saved["fine_ratio"] == 0.5 and scratch[1]["test_accuracy"] == saved["accuracy"]
     assert all(row["throughput_vs_vit_p8"] > 0 and 0 <= row["split_rate_empty"] <= 1 for row in scratch)
     assert (tmp_path / "table.md").read_text().count("| msvit-scratch @ ") == 3
-    # the cluttered bench's summary, from a study on a stand-in for its backbone
+    # the cluttered bench's summary, from a study on a stand-in for its backbone: while it runs (its rules' rows
+    # not in yet) its table is written, not its gate maps
     shutil.copytree(tmp_path / "shared", tmp_path / "cluttered")
     shutil.copytree(tmp_path / "vit-p8" / "model", tmp_path / "vit-p8-cluttered" / "model")
+    results = json.loads((tmp_path / "cluttered" / "results.json").read_text())
+    running = {**results, "rows": {"all_fine|frozen|-": results["rows"]["all_fine|frozen|-"]}}
+    (tmp_path / "cluttered" / "results.json").write_text(json.dumps(running))
+    evidence([*tiny, "--only", "vit-p8"])
+    assert "#### Cluttered bench, on its own ViT/8" in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "gate_maps-cluttered.png").exists()
+    (tmp_path / "cluttered" / "results.json").write_text(json.dumps(results))
     mtime = (tmp_path / "vit-p8" / "results.json").stat().st_mtime
     evidence([*tiny, "--only", "vit-p8"])  # finished runs are skipped
     assert (tmp_path / "vit-p8" / "results.json").stat().st_mtime == mtime
