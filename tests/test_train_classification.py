@@ -18,6 +18,7 @@ from msvit.experiments.evidence import (
     EvidenceArguments,
     background_photo_table,
     check_precondition,
+    docs_section,
     from_scratch_runs,
     gate_targets_table,
     scales_table,
@@ -224,6 +225,8 @@ def test_evidence_checks_the_precondition_runs_the_study_resumes_and_summarises(
     evidence([*tiny, "--only", "vit-p8"])
     assert "#### Cluttered bench, on its own ViT/8" in (tmp_path / "table.md").read_text()
     assert not (tmp_path / "gate_maps-cluttered.png").exists()
+    section = docs_section(EvidenceArguments(output_dir=str(tmp_path), docs=str(tmp_path / "evidence.md")), "")
+    assert "accuracy_vs_gmacs-cluttered.png" in section and "gate_maps-cluttered.png" not in section
     (tmp_path / "cluttered" / "results.json").write_text(json.dumps(results))
     mtime = (tmp_path / "vit-p8" / "results.json").stat().st_mtime
     evidence([*tiny, "--only", "vit-p8"])  # finished runs are skipped
