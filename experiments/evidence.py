@@ -789,8 +789,15 @@ def plot_scales(summary: dict, path: Path) -> None:
 def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images: int = 6) -> None:
     """Gate maps at fine ratio 0.5 on a study's frozen ViT/8, one row per gate: the best training-free rule,
     straight-through, counterfactual and residual (seed of the first run; a gate not trained yet is left out), on the
-    same first test images of its bench). None while the rules' rows are not all in."""
+    same first test images of its bench. None while the rules' rows are not all in."""
     out = Path(args.output_dir)
+    results = study_results(out, study)
+    try:
+        rule = best_training_free_rule(
+            results["rows"], json.loads((out / study / "arguments.json").read_text())["ratios"]
+        )
+    except ValueError:  # a study still running: no maps (nor their data) until its rules have every budget's rows
+        return
     bench = STUDIES[study]
     backbone = out / bench.backbone / "model"
     processor = AutoImageProcessor.from_pretrained(backbone)
@@ -799,13 +806,6 @@ def study_gate_maps(args: EvidenceArguments, study: str, path: Path, num_images:
     )["test"]
     images = [test[i]["image"] for i in range(num_images)]
     seed = args.seeds[0]
-    results = study_results(out, study)
-    try:
-        rule = best_training_free_rule(
-            results["rows"], json.loads((out / study / "arguments.json").read_text())["ratios"]
-        )
-    except ValueError:  # a study still running: no maps until its rules have every budget's rows
-        return
     gates = {
         rule: ({"gate_type": rule}, None),
         "straight_through": (

@@ -170,20 +170,9 @@ def test_gate_study_processes_the_whole_training_split_only_to_fine_tune(tmp_pat
     """The gates' subset is processed on its own, and equals the same images of the whole split processed at once."""
     from msvit.experiments.gate_study import GateStudy, GateStudyArguments
 
-    (args,) = HfArgumentParser(GateStudyArguments).parse_args_into_dataclasses(
-        args=[
-            "--backbone",
-            str(tiny_backbone(tmp_path)),
-            "--output_dir",
-            str(tmp_path / "study"),
-            "--max_train_samples",
-            "48",
-            "--gate_train_samples",
-            "20",
-            "--max_eval_samples",
-            "8",
-        ]  # fmt: skip
-    )
+    arguments = ["--backbone", str(tiny_backbone(tmp_path)), "--output_dir", str(tmp_path / "study"),
+                 "--max_train_samples", "48", "--gate_train_samples", "20", "--max_eval_samples", "8"]  # fmt: skip
+    (args,) = HfArgumentParser(GateStudyArguments).parse_args_into_dataclasses(args=arguments)
     study = GateStudy(args)
     assert "train_data" not in vars(study)  # not processed yet
     pixel_values, labels = study.train_data

@@ -127,8 +127,6 @@ def processed_pixel_values(
     `chunk_size` images at a time into the result: the peak memory stays near the result's own, not three times it
     (decoded images, per-batch arrays and the stacked copy at once)."""
     transformed = dataset.with_transform(make_transforms(image_processor, train=False, num_channels=num_channels))
-    if len(dataset) <= chunk_size:
-        return transformed[:]["pixel_values"]
     first = transformed[:chunk_size]["pixel_values"]
     pixel_values = first.new_empty((len(dataset), *first.shape[1:]))
     pixel_values[:chunk_size] = first
