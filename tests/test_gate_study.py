@@ -148,6 +148,9 @@ def test_gate_study_runs_resumes_and_writes_its_table(tmp_path):
     # seeded rows twice, deterministic ones once
     assert len([name for name in rows if name.startswith("counterfactual|fine-tuned|ratio=0.5")]) == 2
     assert len([name for name in rows if name.startswith("centre|frozen")]) == 1
+    # the gates trained once have every seed's rows before the straight-through gates train
+    order = list(rows)
+    assert order.index("residual|frozen|ratio=0.5|seed=1") < order.index("straight_through|frozen|ratio=0.5|seed=0")
     for name, row in rows.items():
         expected_tokens = {"all_fine": 65, "all_coarse": 17}.get(row["kind"], 1 + 16 + 3 * 8)
         if row["budget"] != "threshold" and row["kind"] != "content":
