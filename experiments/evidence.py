@@ -736,27 +736,57 @@ def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float,
     return {kind: points for kind, points in means.items() if kind in SCALES_KINDS}, all_fine
 
 
+def curve_crossing(points: list[tuple[float, float]], level: float) -> tuple[float, bool] | None:
+    """The GMACs at which a `(GMACs, top-1)` curve first reaches `level`, linear between the two measured budgets
+    around it, and whether that is exact (False: the cheapest budget already reaches it, so the curve does at or
+    below its GMACs). None when no budget reaches it."""
+    for index, (gmacs, accuracy) in enumerate(points):
+        if accuracy >= level:
+            if index == 0:
+                return gmacs, False
+            below_gmacs, below = points[index - 1]
+            return below_gmacs + (level - below) / (accuracy - below) * (gmacs - below_gmacs), True
+    return None
+
+
 def scales_table(summary: dict, tolerance: float = 1.0) -> str:
     """Per gate, the fewest GMACs at which two and three scales keep test top-1 within `tolerance` points of all
-    fine (among the budgets measured), and their ratio: the issue's target is three scales at <= 0.8x."""
+    fine, and their ratio (the issue's target is three scales at <= 0.8x): at the cheapest budget measured that
+    reaches it, and where each curve crosses it (linear between budgets)."""
     two, all_fine = scale_curves(summary, "sparse")
     three, _ = scale_curves(summary, "sparse-3")
+    level = all_fine - tolerance
     lines = [
-        f"All fine: {all_fine:.2f} % test top-1. Fewest GMACs within {tolerance:g} point of it:",
+        f"All fine: {all_fine:.2f} % test top-1. Fewest GMACs within {tolerance:g} point of it ({level:.2f} %), at "
+        "the cheapest budget measured that reaches it and where the curve crosses it (linear between budgets; ≤: "
+        "the cheapest budget is already above):",
         "",
-        "| gate | 2 scales: GMACs (top-1) | 3 scales: GMACs (top-1) | 3 / 2 |",
-        "|---|---|---|---|",
+        "| gate | 2 scales: budget GMACs (top-1) | 3 scales: budget GMACs (top-1) | 3 / 2 | 2 scales: crossing "
+        "| 3 scales: crossing | 3 / 2 |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def cheapest(points):
-        kept = [point for point in points if point[1] >= all_fine - tolerance]
+        kept = [point for point in points if point[1] >= level]
         return min(kept) if kept else None
 
     for kind in SCALES_KINDS:
         best = [cheapest(curves.get(kind, [])) for curves in (two, three)]
         cells = ["not reached" if point is None else f"{point[0]:.4f} ({point[1]:.2f} %)" for point in best]
         ratio = f"{best[1][0] / best[0][0]:.2f}x" if None not in best else ""
-        lines.append(f"| {kind} | {cells[0]} | {cells[1]} | {ratio} |")
+        crossings = [curve_crossing(curves.get(kind, []), level) for curves in (two, three)]
+        cells += [
+            "not reached" if crossing is None else f"{'' if crossing[1] else '≤ '}{crossing[0]:.4f}"
+            for crossing in crossings
+        ]
+        if None in crossings:
+            crossing_ratio = ""
+        else:  # an upper bound when three scales' crossing is, a lower one when two scales' is: say which
+            bound = {(True, True): "", (False, True): "≤ ", (True, False): "≥ "}.get(
+                (crossings[1][1], crossings[0][1])
+            )
+            crossing_ratio = "" if bound is None else f"{bound}{crossings[1][0] / crossings[0][0]:.2f}x"
+        lines.append(f"| {kind} | {' | '.join(cells[:2])} | {ratio} | {' | '.join(cells[2:])} | {crossing_ratio} |")
     return "\n".join(lines) + "\n"
 
 

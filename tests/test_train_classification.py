@@ -300,14 +300,20 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
         }  # fmt: skip
 
     all_fine = {("all_fine", "-"): (1.0, 0.80)}
-    summary = {
-        "sparse": {"rows": rows({**all_fine, ("std", "ratio=0.1"): (0.5, 0.70), ("std", "ratio=0.3"): (0.6, 0.795)})},
-        "sparse-3": {"rows": rows({**all_fine, ("std", "ratio=0.1"): (0.3, 0.795), ("std", "ratio=0.3"): (0.4, 0.8)})},
-    }
-    table = scales_table(summary)
-    # all fine 80.1 %; two scales reach 79.6 % at 0.6 GMACs, three 79.6 % at 0.3: 0.5x
-    assert "All fine: 80.10 %" in table and "| std | 0.6000 (79.60 %) | 0.3000 (79.60 %) | 0.50x |" in table
-    assert "| entropy | not reached | not reached |  |" in table
+    two = {("std", "ratio=0.1"): (0.5, 0.70), ("std", "ratio=0.3"): (0.6, 0.795)}
+    three = {("std", "ratio=0.1"): (0.3, 0.795), ("std", "ratio=0.3"): (0.4, 0.8)}
+    two.update({("residual", "ratio=0.1"): (0.4, 0.75), ("residual", "ratio=0.3"): (0.8, 0.80)})
+    three.update({("residual", "ratio=0.1"): (0.2, 0.70), ("residual", "ratio=0.3"): (0.4, 0.80)})
+    table = scales_table(
+        {"sparse": {"rows": rows({**all_fine, **two})}, "sparse-3": {"rows": rows({**all_fine, **three})}}
+    )
+    # all fine 80.1 %, so the level is 79.1 %: two scales' std reaches it between 0.5 GMACs (70.1 %) and 0.6 (79.6 %),
+    # at 0.5 + 9 / 9.5 * 0.1; three scales' std is above it at its cheapest budget (0.3 GMACs): at most 0.3 / 0.5947
+    assert "All fine: 80.10 %" in table
+    assert "| std | 0.6000 (79.60 %) | 0.3000 (79.60 %) | 0.50x | 0.5947 | ≤ 0.3000 | ≤ 0.50x |" in table
+    # the residual gate crosses it at 0.4 + 4 / 5 * 0.4 = 0.72 and 0.2 + 9 / 10 * 0.2 = 0.38: 0.53x
+    assert "| residual | 0.8000 (80.10 %) | 0.4000 (80.10 %) | 0.50x | 0.7200 | 0.3800 | 0.53x |" in table
+    assert "| entropy | not reached | not reached |  | not reached | not reached |  |" in table
 
 
 def test_gate_targets_table_by_hand():
