@@ -779,13 +779,11 @@ def scales_table(summary: dict, tolerance: float = 1.0) -> str:
             "not reached" if crossing is None else f"{'' if crossing[1] else '≤ '}{crossing[0]:.4f}"
             for crossing in crossings
         ]
-        if None in crossings:
-            crossing_ratio = ""
-        else:  # an upper bound when three scales' crossing is, a lower one when two scales' is: say which
-            bound = {(True, True): "", (False, True): "≤ ", (True, False): "≥ "}.get(
-                (crossings[1][1], crossings[0][1])
-            )
-            crossing_ratio = "" if bound is None else f"{bound}{crossings[1][0] / crossings[0][0]:.2f}x"
+        crossing_ratio = ""
+        if None not in crossings and (crossings[0][1] or crossings[1][1]):  # both bounds: no ratio
+            # three scales' crossing only bounded above: so is the ratio; two scales': bounded below
+            bound = "≤ " if not crossings[1][1] else "≥ " if not crossings[0][1] else ""
+            crossing_ratio = f"{bound}{crossings[1][0] / crossings[0][0]:.2f}x"
         lines.append(f"| {kind} | {' | '.join(cells[:2])} | {ratio} | {' | '.join(cells[2:])} | {crossing_ratio} |")
     return "\n".join(lines) + "\n"
 
