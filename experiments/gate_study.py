@@ -9,8 +9,9 @@ cluttered variant with `--dataset cluttered_translated_fashion_mnist`) is conver
 `from_vit(vit, coarse_patch_size=16)` (size-aware attention on). On it, for every seed:
 
 - **frozen** (the plug-in use of a pretrained ViT): all fine, all coarse, the item's own regions (the oracle), random
-  and centre regions, the training-free entropy gate, the paper's straight-through gate (ratio loss x 20, trained per
-  budget) and the counterfactual gate (trained once). Budgets: fine ratios `--ratios` (fixed budget: exactly
+  and centre regions, the training-free rules (entropy, std), the paper's straight-through gate (ratio loss x 20,
+  trained per budget), and the counterfactual and residual gates (trained once; with more than two patch sizes, the
+  residual gate with a prior logit per level as well). Budgets: fine ratios `--ratios` (fixed budget: exactly
   `round(ratio * 16)` split regions per image) and, for the counterfactual gate, `--thresholds` (split where the
   predicted loss drop exceeds that many nats), with the entropy gate at the thresholds that match its fine ratio;
 - **fine-tuned**: the same policies after the same fine-tuning of the whole model (`--finetune_epochs` at
@@ -81,6 +82,8 @@ RESIDUAL_ABLATIONS = {
     "residual (neighbourhood input)": dict(gate_input="neighbourhood"),
     "residual (label-free target)": dict(counterfactual_target="all_fine_kl"),
 }
+# with more than two patch sizes, the residual gate with a prior logit per level as well (every seed, frozen)
+PER_LEVEL_RESIDUAL = "residual (a prior per level)"
 FIXED_POLICIES = ("all_fine", "all_coarse")
 KIND_NAMES = {
     "content": "item's regions (oracle)",
@@ -324,7 +327,10 @@ class GateStudy:
         counterfactual = self.gate_rows("counterfactual", seed)
         if counterfactual is not None:
             self.threshold_rows(counterfactual, "counterfactual", tuning, seed)
-        self.gate_rows("residual", seed, **residual_gate_recipe(self.best_rule()))
+        recipe = residual_gate_recipe(self.best_rule())
+        self.gate_rows("residual", seed, **recipe)
+        if self.args.patch_sizes is not None and len(self.args.patch_sizes) > 2:  # the recipe's one prior, taken back
+            self.gate_rows("residual", seed, kind=PER_LEVEL_RESIDUAL, **{**recipe, "gate_prior_per_level": True})
         self.matched_entropy_rows(tuning, seed)
 
     def straight_through_rows(self, seed: int) -> None:

@@ -111,6 +111,12 @@ class MSViTConfig(PreTrainedConfig):
             `rule_scale = 1`, `bias = 0` and the MLP's last layer zero at initialisation: the gate starts as the
             rule exactly (the same decisions at any fixed budget) and learns a correction. The rule reads the
             full-resolution region whatever `gate_input` is. A `config.json` saved without this field loads with None.
+        gate_prior_per_level (`bool`, *optional*, defaults to `True`):
+            With more than two patch sizes: give the learned gate one prior split logit per decision level (`True`) or
+            one for every level (`False`), so that only what the MLP reads in a region ranks a large region against a
+            small one. The residual gate's recipe takes one: a prior per level ranks every region of one size above
+            those of another whatever they hold, which overrides the rule's ranking across levels. With two sizes
+            both are the same model.
         gate_hidden_size (`int`, *optional*, defaults to 64):
             Width of the gate MLP.
         gate_num_layers (`int`, *optional*, defaults to 4):
@@ -238,6 +244,7 @@ class MSViTConfig(PreTrainedConfig):
     gate_entropy_range: list[float] | tuple[float, float] = (-1.0, 1.0)
     gate_input: str = "downscaled_pixels"
     gate_residual_rule: str | None = None
+    gate_prior_per_level: bool = True
     gate_hidden_size: int = 64
     gate_num_layers: int = 4
     gate_temperature: float | int = 1.0

@@ -268,7 +268,8 @@ class MSViTGate(nn.Module):
     """The gate: a small MLP that reads one region and outputs the logit of splitting it.
 
     With more than two patch sizes one MLP serves every decision level, reading each region at the same resolution,
-    with one learned prior logit per level (`split_logit_bias`).
+    with one learned prior logit per level (`split_logit_bias`), or one for every level
+    (`config.gate_prior_per_level=False`).
 
     With `config.gate_residual_rule` it is a residual gate: `logit = rule_scale * score + bias + MLP(region)`, `score`
     the training-free rule's score of the region (`MSViTRuleScore`, in [0, 1]), `rule_scale` 1, `bias` 0 and the MLP's
@@ -281,9 +282,10 @@ class MSViTGate(nn.Module):
         sizes = self.layer_sizes(config)
         self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]))
         self.layers.append(nn.Linear(sizes[-2], 1, bias=False))
-        # the output bias is the gate's prior split logit per decision level (initialised in `_init_weights`); shape
-        # (levels,) with two sizes (1,), because FSDP2 cannot shard 0-d parameters
-        self.split_logit_bias = nn.Parameter(torch.zeros(config.num_scales - 1))
+        # the output bias is the gate's prior split logit per decision level, or one shared by all (initialised in
+        # `_init_weights`); shape (levels,) or (1,), never 0-d, because FSDP2 cannot shard 0-d parameters
+        self.prior_per_level = config.gate_prior_per_level
+        self.split_logit_bias = nn.Parameter(torch.zeros(config.num_scales - 1 if self.prior_per_level else 1))
         self.activation = nn.GELU()
         self.rule_score = None
         if config.gate_residual_rule is not None:
@@ -312,7 +314,8 @@ class MSViTGate(nn.Module):
         hidden_states = regions
         for layer in self.layers[:-1]:
             hidden_states = self.activation(layer(hidden_states))
-        split_logits = self.layers[-1](hidden_states).squeeze(-1) + self.split_logit_bias[decision_levels - 1]
+        prior = self.split_logit_bias[decision_levels - 1] if self.prior_per_level else self.split_logit_bias
+        split_logits = self.layers[-1](hidden_states).squeeze(-1) + prior
         if self.rule_score is not None:
             split_logits = split_logits + self.rule_scale * rule_scores.to(split_logits.dtype)
         return split_logits

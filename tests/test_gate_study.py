@@ -237,7 +237,7 @@ def test_gate_study_on_the_textured_bench_starts_the_residual_gate_from_the_best
 @needs_data
 def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
     """8 / 16 / 32 px on the tiny ViT/8's 64 px input: 2 x 2 top regions over 4 x 4 regions (D = 20 decisions)."""
-    from msvit.experiments.gate_study import main
+    from msvit.experiments.gate_study import PER_LEVEL_RESIDUAL, main
 
     torch.set_num_threads(1)
     rows = main([
@@ -253,9 +253,13 @@ def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
     # the oracle splits exactly the regions that hold the item, at every level: every one, and nothing empty
     oracle = rows["content|frozen|-"]["test"]
     assert oracle["split_rate_content"] == 1.0 and oracle["split_rate_empty"] == 0.0
-    assert {"residual", "counterfactual", "straight_through", "entropy", "random"} <= {
+    assert {"residual", PER_LEVEL_RESIDUAL, "counterfactual", "straight_through", "entropy", "random"} <= {
         row["kind"] for row in rows.values()
     }
+    # the residual gate's recipe has one prior logit for both levels; the row that takes it back, one per level
+    gates = tmp_path / "study" / "gates"
+    assert load_file(gates / "residual-seed=0.safetensors")["split_logit_bias"].shape == (1,)
+    assert load_file(gates / "residual_(a_prior_per_level)-seed=0.safetensors")["split_logit_bias"].shape == (2,)
 
 
 def tiny_backbone(tmp_path):

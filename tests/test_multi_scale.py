@@ -210,6 +210,33 @@ def test_every_objective_trains_at_every_level(gate_objective):
         assert model.msvit.gate_criterion.prior_mean_logits.shape == (20,)
 
 
+def test_one_prior_logit_for_every_level():
+    """`gate_prior_per_level=False` adds one prior logit at every level: the per-level gate with both priors equal to
+    it gives the same logits, and with two sizes both are one model."""
+    shared = MSViTForImageClassification(three_scale(gate_prior_per_level=False)).eval()
+    per_level = MSViTForImageClassification(three_scale()).eval()
+    assert shared.msvit.embeddings.gate.split_logit_bias.shape == (1,)
+    assert per_level.msvit.embeddings.gate.split_logit_bias.shape == (2,)
+    state = shared.state_dict()
+    with torch.no_grad():
+        state["msvit.embeddings.gate.split_logit_bias"] = torch.tensor([0.7])
+        shared.load_state_dict(state)
+        per_level.load_state_dict({**state, "msvit.embeddings.gate.split_logit_bias": torch.tensor([0.7, 0.7])})
+        pixel_values = torch.randn(4, 3, 32, 32)
+        logits = shared(pixel_values).split_logits
+        assert torch.equal(per_level(pixel_values).split_logits, logits)
+        # a prior per level moves the level-2 decisions (the 4 top regions) against the level-1 ones
+        per_level.msvit.embeddings.gate.split_logit_bias[1] += 2.0
+        shifted = per_level(pixel_values).split_logits - logits
+    levels = per_level.msvit.scale_tree(32, 32).decision_levels
+    torch.testing.assert_close(shifted, 2.0 * (levels == 2).float().expand(4, -1), rtol=0, atol=1e-6)
+    two = MSViTForImageClassification(tiny_config(gate_prior_per_level=False)).eval()
+    two_per_level = MSViTForImageClassification(tiny_config()).eval()
+    two_per_level.load_state_dict(two.state_dict())
+    with torch.no_grad():
+        assert torch.equal(two(pixel_values).logits, two_per_level(pixel_values).logits)
+
+
 def test_flips_only_touch_decisions_that_count():
     model = MSViTModel(three_scale())
     tree = model.scale_tree(32, 32)

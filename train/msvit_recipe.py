@@ -21,14 +21,14 @@ import math
 
 # How a learned gate trains, as MSViT config fields: counterfactual region flips on the gathered path; the residual
 # gate, the same objective on a gate that starts as a training-free rule (`gate_residual_rule`, chosen per backbone:
-# `residual_gate_recipe`), reads the full-resolution region and measures 8 flips per image from one shared layout pass
-# (a lower-variance target); or the paper's straight-through estimator on the masked path with the masked softmax and
-# the weighted budget loss. `gate_study.py` and the demo build models from these; the scripts get them as arguments
-# (`gate_training_args`).
+# `residual_gate_recipe`), reads the full-resolution region, measures 8 flips per image from one shared layout pass
+# (a lower-variance target) and, with more than two patch sizes, has one prior logit for every level; or the paper's
+# straight-through estimator on the masked path with the masked softmax and the weighted budget loss. `gate_study.py`
+# and the demo build models from these; the scripts get them as arguments (`gate_training_args`).
 COUNTERFACTUAL = dict(gate_objective="counterfactual", train_token_path="gathered")
 GATE_RECIPES = {
     "counterfactual": COUNTERFACTUAL,
-    "residual": dict(COUNTERFACTUAL, gate_input="pixels", counterfactual_flips=8),
+    "residual": dict(COUNTERFACTUAL, gate_input="pixels", counterfactual_flips=8, gate_prior_per_level=False),
     "straight_through": dict(
         gate_objective="straight_through",
         gate_loss_type="ratio",
