@@ -37,6 +37,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 import modeling_msvit  # noqa: F401  (registers MSViT with the Auto classes)
 from modeling_msvit import MSViTForImageClassification
 from msvit.experiments.gate_study import (
+    PER_LEVEL_RESIDUAL,
     RULES,
     SPLIT_RATES,
     GateStudyArguments,
@@ -537,7 +538,8 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
 
 COLOURS = {"residual": "tab:red", "counterfactual": "tab:orange", "straight_through": "tab:purple",
            "entropy": "tab:green", "std": "tab:brown", "random": "tab:blue", "centre": "tab:cyan",
-           "all_fine": "black", "all_coarse": "tab:gray", "content": "tab:olive"}  # fmt: skip
+           "all_fine": "black", "all_coarse": "tab:gray", "content": "tab:olive",
+           PER_LEVEL_RESIDUAL: "tab:pink"}  # fmt: skip
 
 
 def budget_curves(rows: dict, tuning: str) -> dict[str, list[tuple[float, float, float]]]:
@@ -724,7 +726,7 @@ def background_photo_table(accuracy: dict) -> str:
 
 SCALES_TITLE = "Sparse bench: two against three scales, frozen ViT/16 (mean over seeds)"
 SCALES_FIGURE = "accuracy_vs_gmacs-sparse-scales.png"
-SCALES_KINDS = ("entropy", "std", "residual", "counterfactual", "straight_through", "random")
+SCALES_KINDS = ("entropy", "std", "residual", PER_LEVEL_RESIDUAL, "counterfactual", "straight_through", "random")
 
 
 def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float, float]]], float]:
@@ -733,6 +735,8 @@ def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float,
     curves = budget_curves(summary[study]["rows"], "frozen")
     all_fine = curves["all_fine"][0][1] if "all_fine" in curves else None
     means = {kind: [(gmacs, accuracy) for gmacs, accuracy, _ in points] for kind, points in curves.items()}
+    if "residual" in means and study == "sparse":  # with two sizes a prior per level is one prior: the same gate
+        means[PER_LEVEL_RESIDUAL] = means["residual"]
     return {kind: points for kind, points in means.items() if kind in SCALES_KINDS}, all_fine
 
 
@@ -799,6 +803,8 @@ def plot_scales(summary: dict, path: Path) -> None:
     for study, style in (("sparse", "-"), ("sparse-3", "--")):
         curves, all_fine = scale_curves(summary, study)
         for kind, points in curves.items():
+            if kind == PER_LEVEL_RESIDUAL and study == "sparse":  # the residual gate's own line
+                continue
             gmacs, accuracy = zip(*points)
             scales = "3 scales" if study == "sparse-3" else "2 scales"
             axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4, label=f"{kind}, {scales}")

@@ -24,6 +24,7 @@ from msvit.experiments.evidence import (
     scales_table,
     study_args,
 )
+from msvit.experiments.gate_study import PER_LEVEL_RESIDUAL
 from msvit.train.data import FASHION_MNIST_DIR
 from msvit.train.run_classification import main
 from msvit.train.split_policies import centre_prior_order, forced_split_mask
@@ -304,6 +305,7 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
     three = {("std", "ratio=0.1"): (0.3, 0.795), ("std", "ratio=0.3"): (0.4, 0.8)}
     two.update({("residual", "ratio=0.1"): (0.4, 0.75), ("residual", "ratio=0.3"): (0.8, 0.80)})
     three.update({("residual", "ratio=0.1"): (0.2, 0.70), ("residual", "ratio=0.3"): (0.4, 0.80)})
+    three[(PER_LEVEL_RESIDUAL, "ratio=0.3")] = (0.6, 0.80)
     table = scales_table(
         {"sparse": {"rows": rows({**all_fine, **two})}, "sparse-3": {"rows": rows({**all_fine, **three})}}
     )
@@ -314,6 +316,9 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
     # the residual gate crosses it at 0.4 + 4 / 5 * 0.4 = 0.72 and 0.2 + 9 / 10 * 0.2 = 0.38: 0.53x
     assert "| residual | 0.8000 (80.10 %) | 0.4000 (80.10 %) | 0.50x | 0.7200 | 0.3800 | 0.53x |" in table
     assert "| entropy | not reached | not reached |  | not reached | not reached |  |" in table
+    # with two scales a prior per level is the residual gate itself
+    per_level = "| 0.8000 (80.10 %) | 0.6000 (80.10 %) | 0.75x | 0.7200 | ≤ 0.6000 | ≤ 0.83x |"
+    assert f"| {PER_LEVEL_RESIDUAL} {per_level}" in table
 
 
 def test_gate_targets_table_by_hand():
