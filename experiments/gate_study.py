@@ -14,11 +14,12 @@ cluttered variant with `--dataset cluttered_translated_fashion_mnist`) is conver
   residual gate with a prior logit per level as well). Budgets: fine ratios `--ratios` (fixed budget: exactly
   `round(ratio * 16)` split regions per image) and, for the counterfactual gate, `--thresholds` (split where the
   predicted loss drop exceeds that many nats), with the entropy gate at the thresholds that match its fine ratio;
-- **fine-tuned**: the same policies after the same fine-tuning of the whole model (`--finetune_epochs` at
-  `--finetune_learning_rate`, every training image). All fine and all coarse fine-tune on their own layouts; random,
-  centre and entropy on their own ranking at uniformly random densities (one fine-tuning serves every budget); the
-  counterfactual gate with its own objective (which then samples the gate's own ranking at uniformly random densities
-  too, and keeps training the gate); the straight-through gate with its own objective at its budget;
+- **fine-tuned**: the same policies (or those of `--finetune_kinds`) after the same fine-tuning of the whole model
+  (`--finetune_epochs` at `--finetune_learning_rate`, every training image). All fine and all coarse fine-tune on
+  their own layouts; random, centre and the rules on their own ranking at uniformly random densities (one
+  fine-tuning serves every budget); the counterfactual and residual gates with their own objective (which then
+  samples the gate's own ranking at uniformly random densities too, and keeps training the gate); the
+  straight-through gate with its own objective at its budget;
 - **ablations** at fine ratio 0.5, frozen: size-aware attention off, counterfactual flips, target scale and layout
   sampling, and the straight-through gate's budget loss (gBaS, BaS against the ratio loss).
 
@@ -95,6 +96,8 @@ RANKED_POLICIES = ("random", "centre")
 SPLIT_RATES = {"split_rate_content": "item", "split_rate_clutter": "other content", "split_rate_empty": "empty"}
 # the training-free rules (APT's entropy, and the pixel standard deviation): the baseline every learned gate must beat
 RULES = GATE_RULES
+LEARNED_GATES = ("counterfactual", "residual", "straight_through")
+FINETUNED_KINDS = (*FIXED_POLICIES, *RANKED_POLICIES, *RULES, *LEARNED_GATES)
 
 
 @dataclass
@@ -143,8 +146,17 @@ class GateStudyArguments:
     residual_ablations: bool = field(
         default=False, metadata={"help": "Also run the residual gate's ablations (first seed, every budget)."}
     )
+    finetune_kinds: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Fine-tune only these policies, of {', '.join(FINETUNED_KINDS)} (default: every one)."},
+    )
     timing_images: int = field(default=1024, metadata={"help": "Test images of the throughput comparison."})
     timing_repeats: int = field(default=5, metadata={"help": "Interleaved timing repetitions (median)."})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.finetune_kinds or ()) - set(FINETUNED_KINDS))
+        if unknown:
+            raise ValueError(f"`finetune_kinds` holds unknown policies {unknown}; choose from {FINETUNED_KINDS}.")
 
 
 def best_training_free_rule(rows: dict[str, dict], ratios: list[float]) -> str:
@@ -417,7 +429,7 @@ class GateStudy:
 
     def finetuned_rows(self, seed: int) -> None:
         args, tuning = self.args, "fine-tuned"
-        for policy in FIXED_POLICIES:
+        for policy in filter(self.finetunes, FIXED_POLICIES):
             name = row_name(policy, tuning, "-", seed)
             if name not in self.rows:
                 model = self.finetuned(self.model(), seed, f"fine-tune {policy}", split_policy=policy)
@@ -426,7 +438,7 @@ class GateStudy:
         ranked.update({rule: ("gate", {"gate_type": rule}) for rule in RULES})
         for kind, (policy, overrides) in ranked.items():
             names = {ratio: row_name(kind, tuning, ratio_budget(ratio), seed) for ratio in args.ratios}
-            if not self.missing(list(names.values())):
+            if not self.finetunes(kind) or not self.missing(list(names.values())):
                 continue
             model = self.finetuned(
                 self.model(**overrides), seed, f"fine-tune {kind}", split_policy=policy, uniform_density=True
@@ -440,11 +452,14 @@ class GateStudy:
         for ratio in args.ratios:
             self.finetuned_gate("straight_through", seed, [ratio], target_fine_ratio=ratio)
 
+    def finetunes(self, kind: str) -> bool:
+        return self.args.finetune_kinds is None or kind in self.args.finetune_kinds
+
     def finetuned_gate(self, objective: str, seed: int, ratios: list[float], **overrides) -> None:
         """The frozen rows' gate, then the whole model fine-tuned with the gate's own objective."""
         tuning = "fine-tuned"
         names, thresholds = self.gate_row_names(objective, tuning, ratios, seed, objective == "counterfactual")
-        if not self.missing([*names.values(), *thresholds]):
+        if not self.finetunes(objective) or not self.missing([*names.values(), *thresholds]):
             return
         gate = self.trained_gate(objective, objective, seed, self.trained_ratios(objective, ratios), **overrides)
         # one flip per image while the backbone trains: every gate's fine-tuning then costs the same

@@ -244,8 +244,9 @@ def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
         "--backbone", str(tiny_backbone(tmp_path)), "--output_dir", str(tmp_path / "study"), "--seeds", "0",
         "--ratios", "0.5", "--dataset", "sparse_translated_fashion_mnist", "--patch_sizes", "8", "16", "32",
         "--max_train_samples", "32", "--gate_train_samples", "32", "--max_eval_samples", "32", "--timing_images",
-        "32", "--timing_repeats", "1", "--no_finetune", "--no_ablations",
+        "32", "--timing_repeats", "1", "--finetune_kinds", "all_coarse", "std", "--no_ablations",
     ])  # fmt: skip
+    assert {row["kind"] for row in rows.values() if row["tuning"] == "fine-tuned"} == {"all_coarse", "std"}
     for name, row in rows.items():
         expected_tokens = {"all_fine": 65, "all_coarse": 5}.get(row["kind"], 1 + 4 + 3 * 10)
         if row["budget"] != "threshold" and row["kind"] != "content":
@@ -260,6 +261,13 @@ def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
     gates = tmp_path / "study" / "gates"
     assert load_file(gates / "residual-seed=0.safetensors")["split_logit_bias"].shape == (1,)
     assert load_file(gates / "residual_(a_prior_per_level)-seed=0.safetensors")["split_logit_bias"].shape == (2,)
+
+
+def test_gate_study_names_the_policies_it_can_fine_tune():
+    from msvit.experiments.gate_study import GateStudyArguments
+
+    with pytest.raises(ValueError, match=r"unknown policies \['oracle'\]; choose from \('all_fine'"):
+        GateStudyArguments(backbone="vit", finetune_kinds=["std", "oracle"])
 
 
 def tiny_backbone(tmp_path):
