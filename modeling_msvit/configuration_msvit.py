@@ -114,7 +114,7 @@ class MSViTConfig(PreTrainedConfig):
         gate_prior_per_level (`bool`, *optional*, defaults to `True`):
             With more than two patch sizes: give the learned gate one prior split logit per decision level (`True`) or
             one for every level (`False`), so that only what the MLP reads in a region ranks a large region against a
-            small one. The residual gate's recipe takes one: a prior per level ranks every region of one size above
+            small one. The residual gate's recipe takes one: a prior per level can rank every region of one size above
             those of another whatever they hold, which overrides the rule's ranking across levels. With two sizes
             both are the same model.
         gate_hidden_size (`int`, *optional*, defaults to 64):
