@@ -743,8 +743,6 @@ def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float,
     curves = budget_curves(summary[study]["rows"], "frozen")
     all_fine = curves["all_fine"][0][1] if "all_fine" in curves else None
     means = {kind: [(gmacs, accuracy) for gmacs, accuracy, _ in points] for kind, points in curves.items()}
-    if "residual" in means and study == "sparse":  # with two sizes a prior per level is one prior: the same gate
-        means[PER_LEVEL_RESIDUAL] = means["residual"]
     return {kind: points for kind, points in means.items() if kind in SCALES_KINDS}, all_fine
 
 
@@ -767,6 +765,8 @@ def scales_table(summary: dict, tolerance: float = 1.0) -> str:
     reaches it, and where each curve crosses it (linear between budgets)."""
     two, all_fine = scale_curves(summary, "sparse")
     three, _ = scale_curves(summary, "sparse-3")
+    if "residual" in two:  # with two sizes a prior per level is one prior: the residual gate itself
+        two[PER_LEVEL_RESIDUAL] = two["residual"]
     level = all_fine - tolerance
     lines = [
         f"All fine: {all_fine:.2f} % test top-1. Fewest GMACs within {tolerance:g} point of it ({level:.2f} %), at "
@@ -811,8 +811,6 @@ def plot_scales(summary: dict, path: Path) -> None:
     for study, style in (("sparse", "-"), ("sparse-3", "--")):
         curves, all_fine = scale_curves(summary, study)
         for kind, points in curves.items():
-            if kind == PER_LEVEL_RESIDUAL and study == "sparse":  # the residual gate's own line
-                continue
             gmacs, accuracy = zip(*points)
             scales = "3 scales" if study == "sparse-3" else "2 scales"
             axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4, label=f"{kind}, {scales}")
