@@ -276,6 +276,8 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
         study_args("sparse-3", args).patch_sizes == [16, 32, 64] and study_args("sparse", args).coarse_patch_size == 32
     )
     assert study_args("sparse", args).finetune_kinds == ["all_fine", "all_coarse", "entropy", "std", "residual"]
+    # all fine is the same model with three scales: fine-tuned once, in the two-scale study
+    assert study_args("sparse-3", args).finetune_kinds == ["all_coarse", "entropy", "std", "residual"]
     assert study_args("shared", args).finetune_kinds is None  # every policy
     assert {name: (runs[name]["patch_size"], runs[name]["image_size"]) for name in runs if "sparse" in name} == {
         "vit-p16-sparse": (16, 192), "vit-p32-sparse": (32, 192), "vit-p16-96px-sparse": (16, 96),
