@@ -470,7 +470,9 @@ def summarise(args: EvidenceArguments) -> dict:
             title = f"{STUDIES[bench].title}: the residual gate per background photo, frozen (mean over seeds)"
             sections += [f"#### {title}", "", background_photo_table(background_photo_accuracy(args, bench))]
     if all(name in summary for name in SPARSE_STUDIES):
-        sections += [f"#### {SCALES_TITLE}", "", scales_table(summary)]
+        for tuning in SCALES_TUNINGS:
+            table = scales_table(summary, tuning)
+            sections += [f"#### {scales_title(tuning)}", "", table] if table else []
         plot_scales(summary, out / SCALES_FIGURE)
     (out / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text("\n".join(sections))
@@ -517,7 +519,7 @@ def docs_section(args: EvidenceArguments, tables: str) -> str:
         if (Path(out) / maps).is_file():  # not while a study's rules are running
             plots.append(f"![Gate maps at fine ratio 0.5, {study.title}: {gates}]({figures}/{maps})")
     if (Path(out) / SCALES_FIGURE).is_file():
-        plots.append(f"![{SCALES_TITLE}]({figures}/{SCALES_FIGURE})")
+        plots.append(f"![{scales_title('frozen and fine-tuned')}]({figures}/{SCALES_FIGURE})")
     plots.append(f"![Validation curves of the backbones]({figures}/learning_curves.png)")
     plots = "\n\n".join(plots)
     return f"{protocol}\n\n{tables}\n{plots}"
@@ -736,15 +738,19 @@ def background_photo_table(accuracy: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SCALES_TITLE = "Sparse bench: two against three scales, frozen ViT/16 (mean over seeds)"
 SCALES_FIGURE = "accuracy_vs_gmacs-sparse-scales.png"
 SCALES_KINDS = ("entropy", "std", "residual", PER_LEVEL_RESIDUAL, "counterfactual", "straight_through", "random")
+SCALES_TUNINGS = ("frozen", "fine-tuned")
 
 
-def scale_curves(summary: dict, study: str) -> tuple[dict[str, list[tuple[float, float]]], float]:
-    """Kind -> sorted `(GMACs, test top-1 %)` means over seeds of a study's frozen rows at its fixed budgets, and its
-    all-fine top-1."""
-    curves = budget_curves(summary[study]["rows"], "frozen")
+def scales_title(tuning: str) -> str:
+    return f"Sparse bench: two against three scales, {tuning} ViT/16 (mean over seeds)"
+
+
+def scale_curves(summary: dict, study: str, tuning: str) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """Kind -> sorted `(GMACs, test top-1 %)` means over seeds of a study's rows of one tuning at its fixed budgets,
+    and its all-fine top-1 (None when not measured)."""
+    curves = budget_curves(summary[study]["rows"], tuning)
     all_fine = curves["all_fine"][0][1] if "all_fine" in curves else None
     means = {kind: [(gmacs, accuracy) for gmacs, accuracy, _ in points] for kind, points in curves.items()}
     return {kind: points for kind, points in means.items() if kind in SCALES_KINDS}, all_fine
@@ -763,13 +769,16 @@ def curve_crossing(points: list[tuple[float, float]], level: float) -> tuple[flo
     return None
 
 
-def scales_table(summary: dict, tolerance: float = 1.0) -> str:
-    """Per gate, the fewest GMACs at which two and three scales keep test top-1 within `tolerance` points of all
-    fine, and their ratio (the issue's target is three scales at <= 0.8x): at the cheapest budget measured that
-    reaches it, and where each curve crosses it (linear between budgets)."""
-    two, all_fine = scale_curves(summary, "sparse")
-    three, _ = scale_curves(summary, "sparse-3")
-    if "residual" in two:  # with two sizes a prior per level is one prior: the residual gate itself
+def scales_table(summary: dict, tuning: str = "frozen", tolerance: float = 1.0) -> str | None:
+    """Per gate measured, the fewest GMACs at which two and three scales keep test top-1 within `tolerance` points of
+    all fine, and their ratio (the issue's target is three scales at <= 0.8x, frozen): at the cheapest budget
+    measured that reaches it, and where each curve crosses it (linear between budgets). All fine is the two-scale
+    study's row, the same model with three scales. None before that row is measured."""
+    two, all_fine = scale_curves(summary, "sparse", tuning)
+    three, _ = scale_curves(summary, "sparse-3", tuning)
+    if all_fine is None:
+        return None
+    if "residual" in two and PER_LEVEL_RESIDUAL in three:  # with two sizes a prior per level is one prior
         two[PER_LEVEL_RESIDUAL] = two["residual"]
     level = all_fine - tolerance
     lines = [
@@ -786,14 +795,20 @@ def scales_table(summary: dict, tolerance: float = 1.0) -> str:
         kept = [point for point in points if point[1] >= level]
         return min(kept) if kept else None
 
-    for kind in SCALES_KINDS:
+    def missed(curves, kind):
+        return "not reached" if kind in curves else "not measured"
+
+    for kind in (kind for kind in SCALES_KINDS if kind in two or kind in three):
         best = [cheapest(curves.get(kind, [])) for curves in (two, three)]
-        cells = ["not reached" if point is None else f"{point[0]:.4f} ({point[1]:.2f} %)" for point in best]
+        cells = [
+            missed(curves, kind) if point is None else f"{point[0]:.4f} ({point[1]:.2f} %)"
+            for curves, point in zip((two, three), best)
+        ]
         ratio = f"{best[1][0] / best[0][0]:.2f}x" if None not in best else ""
         crossings = [curve_crossing(curves.get(kind, []), level) for curves in (two, three)]
         cells += [
-            "not reached" if crossing is None else f"{'' if crossing[1] else '≤ '}{crossing[0]:.4f}"
-            for crossing in crossings
+            missed(curves, kind) if crossing is None else f"{'' if crossing[1] else '≤ '}{crossing[0]:.4f}"
+            for curves, crossing in zip((two, three), crossings)
         ]
         crossing_ratio = ""
         if None not in crossings and (crossings[0][1] or crossings[1][1]):  # both bounds: no ratio
@@ -805,26 +820,32 @@ def scales_table(summary: dict, tolerance: float = 1.0) -> str:
 
 
 def plot_scales(summary: dict, path: Path) -> None:
-    """Test top-1 against GMACs of every gate with two scales (solid) and three (dashed), frozen, mean over seeds."""
+    """Test top-1 against GMACs of every gate with two scales (solid) and three (dashed), frozen and fine-tuned side
+    by side, mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for study, style in (("sparse", "-"), ("sparse-3", "--")):
-        curves, all_fine = scale_curves(summary, study)
-        for kind, points in curves.items():
-            gmacs, accuracy = zip(*points)
-            scales = "3 scales" if study == "sparse-3" else "2 scales"
-            axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4, label=f"{kind}, {scales}")
-    axes.axhline(all_fine, color="black", linewidth=0.8, label="all fine")
-    axes.axhline(all_fine - 1, color="black", linewidth=0.8, linestyle=":", label="all fine - 1 point")
-    axes.set_xlabel("GMACs per image")
-    axes.set_ylabel("test top-1 (%)")
-    axes.set_title(SCALES_TITLE, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, ncol=2)
+    figure, panels = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for axes, tuning in zip(panels, SCALES_TUNINGS):
+        reference = None
+        for study, style in (("sparse", "-"), ("sparse-3", "--")):
+            curves, all_fine = scale_curves(summary, study, tuning)
+            reference = all_fine if study == "sparse" else reference
+            for kind, points in curves.items():
+                gmacs, accuracy = zip(*points)
+                scales = "3 scales" if study == "sparse-3" else "2 scales"
+                axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4,
+                          label=f"{kind}, {scales}")  # fmt: skip
+        if reference is not None:
+            axes.axhline(reference, color="black", linewidth=0.8, label="all fine")
+            axes.axhline(reference - 1, color="black", linewidth=0.8, linestyle=":", label="all fine - 1 point")
+        axes.set_xlabel("GMACs per image")
+        axes.set_title(scales_title(tuning), fontsize=9)
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("test top-1 (%)")
+    panels[0].legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)

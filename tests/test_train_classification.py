@@ -294,10 +294,10 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
     assert json.loads((tmp_path / "precondition-sparse.json").read_text())["holds"]
     assert "vit-p16-sparse beats both: holds" in capsys.readouterr().out
 
-    def rows(points: dict) -> dict:
+    def rows(points: dict, tuning: str = "frozen") -> dict:
         return {
-            f"{kind}|frozen|{budget}|seed={seed}": {
-                "kind": kind, "tuning": "frozen", "budget": budget, "seed": seed,
+            f"{kind}|{tuning}|{budget}|seed={seed}": {
+                "kind": kind, "tuning": tuning, "budget": budget, "seed": seed,
                 "test": {"gmacs": gmacs, "accuracy": accuracy + 0.002 * seed},
             }
             for (kind, budget), (gmacs, accuracy) in points.items()
@@ -309,20 +309,38 @@ def test_evidence_sparse_bench_compares_two_and_three_scales(tmp_path, capsys):
     three = {("std", "ratio=0.1"): (0.3, 0.795), ("std", "ratio=0.3"): (0.4, 0.8)}
     two.update({("residual", "ratio=0.1"): (0.4, 0.75), ("residual", "ratio=0.3"): (0.8, 0.80)})
     three.update({("residual", "ratio=0.1"): (0.2, 0.70), ("residual", "ratio=0.3"): (0.4, 0.80)})
-    three[(PER_LEVEL_RESIDUAL, "ratio=0.3")] = (0.6, 0.80)
-    table = scales_table(
-        {"sparse": {"rows": rows({**all_fine, **two})}, "sparse-3": {"rows": rows({**all_fine, **three})}}
-    )
+    finetuned = {
+        ("std", "ratio=0.1"): (0.3, 0.70),
+        ("std", "ratio=0.3"): (0.4, 0.90),
+        ("entropy", "ratio=0.1"): (0.3, 0.5),
+    }
+    # all fine is measured once, with two scales: the fine-tuned rows of three scales compare against it
+    summary = {
+        "sparse": {"rows": {**rows({**all_fine, **two}), **rows({**all_fine, **two}, "fine-tuned")}},
+        "sparse-3": {"rows": {**rows({**all_fine, **three}), **rows(finetuned, "fine-tuned")}},
+    }
+    table = scales_table(summary)
     # all fine 80.1 %, so the level is 79.1 %: two scales' std reaches it between 0.5 GMACs (70.1 %) and 0.6 (79.6 %),
     # at 0.5 + 9 / 9.5 * 0.1; three scales' std is above it at its cheapest budget (0.3 GMACs): at most 0.3 / 0.5947
     assert "All fine: 80.10 %" in table
     assert "| std | 0.6000 (79.60 %) | 0.3000 (79.60 %) | 0.50x | 0.5947 | ≤ 0.3000 | ≤ 0.50x |" in table
     # the residual gate crosses it at 0.4 + 4 / 5 * 0.4 = 0.72 and 0.2 + 9 / 10 * 0.2 = 0.38: 0.53x
     assert "| residual | 0.8000 (80.10 %) | 0.4000 (80.10 %) | 0.50x | 0.7200 | 0.3800 | 0.53x |" in table
-    assert "| entropy | not reached | not reached |  | not reached | not reached |  |" in table
+    assert "entropy" not in table and PER_LEVEL_RESIDUAL not in table  # neither was measured
+    summary["sparse-3"]["rows"].update(rows({(PER_LEVEL_RESIDUAL, "ratio=0.3"): (0.6, 0.80)}))
     # with two scales a prior per level is the residual gate itself
     per_level = "| 0.8000 (80.10 %) | 0.6000 (80.10 %) | 0.75x | 0.7200 | ≤ 0.6000 | ≤ 0.83x |"
-    assert f"| {PER_LEVEL_RESIDUAL} {per_level}" in table
+    assert f"| {PER_LEVEL_RESIDUAL} {per_level}" in scales_table(summary)
+    # fine-tuned three scales' std crosses 79.1 % at 0.3 + 9 / 20 * 0.1 = 0.345
+    finetuned_table = scales_table(summary, "fine-tuned")
+    assert "| std | 0.6000 (79.60 %) | 0.4000 (90.10 %) | 0.67x | 0.5947 | 0.3450 | 0.58x |" in finetuned_table
+    assert "| residual | 0.8000 (80.10 %) | not measured |  | 0.7200 | not measured |  |" in finetuned_table
+    assert "| entropy | not measured | not reached |  | not measured | not reached |  |" in finetuned_table
+    del (
+        summary["sparse"]["rows"]["all_fine|fine-tuned|-|seed=0"],
+        summary["sparse"]["rows"]["all_fine|fine-tuned|-|seed=1"],
+    )
+    assert scales_table(summary, "fine-tuned") is None  # nothing to compare against yet
 
 
 def test_gate_targets_table_by_hand():
