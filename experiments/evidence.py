@@ -827,7 +827,8 @@ def plot_scales(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, panels = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    # each panel its own scale: the fine-tuned policies span a few points, the frozen ones (random) tens
+    figure, panels = plt.subplots(1, 2, figsize=(12, 5))
     for axes, tuning in zip(panels, SCALES_TUNINGS):
         reference = None
         for study, style in (("sparse", "-"), ("sparse-3", "--")):
@@ -842,9 +843,9 @@ def plot_scales(summary: dict, path: Path) -> None:
             axes.axhline(reference, color="black", linewidth=0.8, label="all fine")
             axes.axhline(reference - 1, color="black", linewidth=0.8, linestyle=":", label="all fine - 1 point")
         axes.set_xlabel("GMACs per image")
+        axes.set_ylabel("test top-1 (%)")
         axes.set_title(scales_title(tuning), fontsize=9)
         axes.grid(alpha=0.3)
-    panels[0].set_ylabel("test top-1 (%)")
     panels[0].legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=150)
