@@ -235,10 +235,19 @@ def test_gate_study_on_the_textured_bench_starts_the_residual_gate_from_the_best
 
 
 @needs_data
-def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
+def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path, monkeypatch):
     """8 / 16 / 32 px on the tiny ViT/8's 64 px input: 2 x 2 top regions over 4 x 4 regions (D = 20 decisions)."""
+    from msvit.experiments import gate_study
     from msvit.experiments.gate_study import PER_LEVEL_RESIDUAL, main
 
+    token_paths = {}
+
+    def train_on_tensors(model, *args, description, **options):
+        token_paths[description] = model.config.train_token_path
+        return train(model, *args, description=description, **options)
+
+    train = gate_study.train_on_tensors
+    monkeypatch.setattr(gate_study, "train_on_tensors", train_on_tensors)
     torch.set_num_threads(1)
     rows = main([
         "--backbone", str(tiny_backbone(tmp_path)), "--output_dir", str(tmp_path / "study"), "--seeds", "0",
@@ -247,6 +256,9 @@ def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path):
         "32", "--timing_repeats", "1", "--finetune_kinds", "all_coarse", "std", "--no_ablations",
     ])  # fmt: skip
     assert {row["kind"] for row in rows.values() if row["tuning"] == "fine-tuned"} == {"all_coarse", "std"}
+    # fine-tuning on forced layouts runs on the gathered path; the straight-through gate trains on the masked one
+    assert token_paths["fine-tune all_coarse"] == token_paths["fine-tune std"] == "gathered"
+    assert token_paths["straight_through gate, seed 0"] == "masked"
     for name, row in rows.items():
         expected_tokens = {"all_fine": 65, "all_coarse": 5}.get(row["kind"], 1 + 4 + 3 * 10)
         if row["budget"] != "threshold" and row["kind"] != "content":
