@@ -286,10 +286,6 @@ class GateStudy:
         return model
 
     def finetuned(self, model, seed: int, description: str, **options) -> MSViTForImageClassification:
-        if "split_policy" in options:
-            # forced layouts need no gradient through the gate: the gathered path computes the masked path's loss on
-            # the active tokens only (20x faster for all coarse with three scales)
-            model.config.train_token_path = "gathered"
         torch.manual_seed(seed)
         training = GateTrainingArguments(self.args.finetune_learning_rate, epochs=self.args.finetune_epochs, seed=seed)
         train_on_tensors(model, *self.train_data, training, gate_only=False, description=description, **options)

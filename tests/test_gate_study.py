@@ -243,8 +243,9 @@ def test_gate_study_with_three_scales_on_the_sparse_bench(tmp_path, monkeypatch)
     token_paths = {}
 
     def train_on_tensors(model, *args, description, **options):
+        losses = train(model, *args, description=description, **options)
         token_paths[description] = model.config.train_token_path
-        return train(model, *args, description=description, **options)
+        return losses
 
     train = gate_study.train_on_tensors
     monkeypatch.setattr(gate_study, "train_on_tensors", train_on_tensors)

@@ -51,16 +51,19 @@ def train_on_tensors(
     unchanged); otherwise every parameter trains (fine-tuning), and the counterfactual objective samples its layouts
     by the gate's ranking, as in the scripts' joint stage (`STAGE_LAYOUTS`). `split_policy` (see
     `msvit.train.split_policies`) forces the decisions of every batch, e.g. `"all_fine"` to fine-tune the plain ViT
-    path; with `uniform_density` every image instead splits a uniformly random number of regions in the policy's order
-    (`random`, `centre`, or `gate`: the model's own split logits, for a training-free gate), so one fine-tuning serves
-    every budget. Every step re-seeds torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible.
-    The model is left in eval mode.
+    path, and trains on the gathered path (the masked path's loss on the active tokens only: forced decisions need no
+    gradient through the gate; 20x faster for all coarse with three scales); with `uniform_density` every image
+    instead splits a uniformly random number of regions in the policy's order (`random`, `centre`, or `gate`: the
+    model's own split logits, for a training-free gate), so one fine-tuning serves every budget. Every step re-seeds
+    torch from `(seed, step)`, so layouts, flips and Gumbel noise are reproducible. The model is left in eval mode.
     """
     if gate_only:
         freeze_all_but_gate(model)
     else:
         model.requires_grad_(True)
         model.config.counterfactual_layouts = STAGE_LAYOUTS["joint"]
+    if split_policy is not None:
+        model.config.train_token_path = "gathered"
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if not parameters:
         return []
