@@ -830,11 +830,10 @@ def plot_scales(summary: dict, path: Path) -> None:
     # each panel its own scale: the fine-tuned policies span a few points, the frozen ones (random) tens
     figure, panels = plt.subplots(1, 2, figsize=(12, 5))
     for axes, tuning in zip(panels, SCALES_TUNINGS):
-        reference = None
+        measured = {study: scale_curves(summary, study, tuning) for study in SPARSE_STUDIES}
+        reference = measured["sparse"][1]  # all fine: the same model with three scales
         for study, style in (("sparse", "-"), ("sparse-3", "--")):
-            curves, all_fine = scale_curves(summary, study, tuning)
-            reference = all_fine if study == "sparse" else reference
-            for kind, points in curves.items():
+            for kind, points in measured[study][0].items():
                 gmacs, accuracy = zip(*points)
                 scales = "3 scales" if study == "sparse-3" else "2 scales"
                 axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4,
