@@ -747,13 +747,18 @@ def scales_title(tuning: str) -> str:
     return f"Sparse bench: two against three scales, {tuning} ViT/16 (mean over seeds)"
 
 
-def scale_curves(summary: dict, study: str, tuning: str) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
-    """Kind -> sorted `(GMACs, test top-1 %)` means over seeds of a study's rows of one tuning at its fixed budgets,
-    and its all-fine top-1 (None when not measured)."""
-    curves = budget_curves(summary[study]["rows"], tuning)
-    all_fine = curves["all_fine"][0][1] if "all_fine" in curves else None
-    means = {kind: [(gmacs, accuracy) for gmacs, accuracy, _ in points] for kind, points in curves.items()}
-    return {kind: points for kind, points in means.items() if kind in SCALES_KINDS}, all_fine
+def scale_curves(summary: dict, tuning: str) -> tuple[list[dict[str, list[tuple[float, float]]]], float | None]:
+    """Per sparse study (two scales, then three), kind -> sorted `(GMACs, test top-1 %)` means over seeds of its rows
+    of one tuning at its fixed budgets; and all fine's top-1, the two-scale study's row (the same model with three
+    scales; None when not measured)."""
+    curves = [budget_curves(summary[study]["rows"], tuning) for study in SPARSE_STUDIES]
+    all_fine = curves[0]["all_fine"][0][1] if "all_fine" in curves[0] else None
+    means = [
+        {kind: [(gmacs, accuracy) for gmacs, accuracy, _ in points] for kind, points in study.items()
+         if kind in SCALES_KINDS}
+        for study in curves
+    ]  # fmt: skip
+    return means, all_fine
 
 
 def curve_crossing(points: list[tuple[float, float]], level: float) -> tuple[float, bool] | None:
@@ -774,8 +779,7 @@ def scales_table(summary: dict, tuning: str = "frozen", tolerance: float = 1.0) 
     all fine, and their ratio (the issue's target is three scales at <= 0.8x, frozen): at the cheapest budget
     measured that reaches it, and where each curve crosses it (linear between budgets). All fine is the two-scale
     study's row, the same model with three scales. None before that row is measured."""
-    two, all_fine = scale_curves(summary, "sparse", tuning)
-    three, _ = scale_curves(summary, "sparse-3", tuning)
+    (two, three), all_fine = scale_curves(summary, tuning)
     if all_fine is None:
         return None
     if "residual" in two and PER_LEVEL_RESIDUAL in three:  # with two sizes a prior per level is one prior
@@ -830,12 +834,10 @@ def plot_scales(summary: dict, path: Path) -> None:
     # each panel its own scale: the fine-tuned policies span a few points, the frozen ones (random) tens
     figure, panels = plt.subplots(1, 2, figsize=(12, 5))
     for axes, tuning in zip(panels, SCALES_TUNINGS):
-        measured = {study: scale_curves(summary, study, tuning) for study in SPARSE_STUDIES}
-        reference = measured["sparse"][1]  # all fine: the same model with three scales
-        for study, style in (("sparse", "-"), ("sparse-3", "--")):
-            for kind, points in measured[study][0].items():
+        measured, reference = scale_curves(summary, tuning)
+        for curves, style, scales in zip(measured, ("-", "--"), ("2 scales", "3 scales")):
+            for kind, points in curves.items():
                 gmacs, accuracy = zip(*points)
-                scales = "3 scales" if study == "sparse-3" else "2 scales"
                 axes.plot(gmacs, accuracy, style, color=COLOURS[kind], marker="o", markersize=4,
                           label=f"{kind}, {scales}")  # fmt: skip
         if reference is not None:
